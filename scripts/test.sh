@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install everything and run the whole test suite (the README's test command; .ci/run calls exactly this).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
+export MPLBACKEND=Agg PYTHONHASHSEED=0
+start=$(date +%s)
+bash scripts/install.sh dev
+. .venv/bin/activate
+echo "== install took $(( $(date +%s) - start ))s"
+# Convert the default SLM (GGUF -> cached safetensors) once, before notebooks race for it.
+python -c "from research_controller.slm import load_slm; m,t=load_slm(); print('default SLM ready:', type(m).__name__)"
+echo "== nbdev-clean + nbdev-export must leave no diff"
+nbdev-clean
+nbdev-export
+if [ -n "$(git status --porcelain -- nbs research_controller README.md)" ]; then
+  git status --porcelain -- nbs research_controller README.md
+  git --no-pager diff --stat -- nbs research_controller README.md
+  echo "nbdev-clean/nbdev-export changed files: run them and commit."
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+echo "== nbdev-test"
+python scripts/run_tests.py
+echo "== total $(( $(date +%s) - start ))s"
