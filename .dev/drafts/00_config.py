@@ -147,6 +147,7 @@ class NetworkConfig:
     recursive_steps: int = setting(6, "most applications of the recursive block", unit='steps', lo=1, hi=256)
     halt_threshold: float = setting(0.99, "cumulative halting probability that stops the recursion", lo=0.01, hi=1.0)
     ponder_cost: float = setting(0.01, "loss weight on the expected number of recursion steps", lo=0.0, hi=10.0)
+    deep_supervision: float = setting(0.1, "share of the recursive body's loss spread evenly over all recursion steps; the rest is weighted by the halting distribution", lo=0.0, hi=1.0)
 
 # %%
 #| export
@@ -183,10 +184,13 @@ class RewardsConfig:
     kenlm_path: str = setting('assets/kenlm/fluency.bin', "KenLM binary built by `rc build-lm` (relative to the project root)")
     kenlm_order: int = setting(3, "n-gram order of the KenLM model", unit='tokens', lo=2, hi=6)
     kenlm_memory: str = setting('1G', "memory cap passed to lmplz -S", unit='bytes (K/M/G suffix)')
-    fluency_floor: float = setting(-5.0, "mean log10 probability per token mapped to fluency 0", unit='log10 prob', lo=-50.0, hi=0.0)
-    fluency_ceiling: float = setting(-1.5, "mean log10 probability per token mapped to fluency 1", unit='log10 prob', lo=-50.0, hi=0.0)
+    kenlm_tools_dir: Optional[str] = setting(None, "where lmplz/build_binary are built from the kenlm sdist and cached; null = the user cache dir")
+    fluency_floor: float = setting(-4.0, "mean log10 probability per token mapped to fluency 0 (shuffled held-out text averages about -3.5)", unit='log10 prob', lo=-50.0, hi=0.0)
+    fluency_ceiling: float = setting(-2.0, "mean log10 probability per token mapped to fluency 1 (held-out Wikipedia text averages about -2.8)", unit='log10 prob', lo=-50.0, hi=0.0)
     judge_model: Optional[str] = setting(None, "judge model source; null = the steered SLM itself")
-    judge_paraphrases: int = setting(3, "paraphrased judge prompts averaged (variance reported)", unit='prompts', lo=1, hi=16)
+    judge_paraphrases: int = setting(3, "paraphrased judge prompts averaged (variance reported)", unit='prompts', lo=1, hi=5)
+    judge_max_chars: int = setting(800, "the request and the answer are each cut to this many characters in the judge prompt", unit='characters', lo=32, hi=100000)
+    judge_cache: str = setting('judge_cache.sqlite', "sqlite cache of judge ratings (relative paths live under paths.runs_dir); '' = no cache")
     target_tokens: int = setting(48, "answer length that draws no length penalty", unit='tokens', lo=1, hi=32768)
     min_tokens: int = setting(2, "answers shorter than this are penalised as empty", unit='tokens', lo=0, hi=32768)
     repetition_ngram: int = setting(3, "n of the n-gram repeat rate", unit='tokens', lo=1, hi=16)
