@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
 export MPLBACKEND=Agg PYTHONHASHSEED=0
+# nbdev-test runs 2 notebooks at once on 2 cores: one torch thread each avoids oversubscription (10-1000x slower small ops).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 start=$(date +%s)
 bash scripts/install.sh dev
 . .venv/bin/activate
