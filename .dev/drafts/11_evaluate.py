@@ -453,28 +453,53 @@ def _count_actions(trace) -> dict:
         if a is not None: c[getattr(a, 'name', str(a))] += 1
     return dict(sorted(c.items()))
 
+def _takes_item(controller) -> bool:
+    "Whether `controller.generate` accepts the task item (e.g. best-of-N scoring candidates by reward)."
+    import inspect
+    try: ps = inspect.signature(controller.generate).parameters
+    except (TypeError, ValueError): return False
+    return 'item' in ps or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values())
+
+def generate_item(controller, item:dict, engine, token_budget:int, seed:int=0) -> dict:
+    "Run the controller on one item: text, tokens, unclosed flag, action counts, latency and the error, if any."
+    out = dict(text='', tokens=0, unclosed=False, actions={}, error=None)
+    kw = {'item': item} if _takes_item(controller) else {}
+    t0 = time.perf_counter()
+    try:
+        res = controller.generate(engine, item['prompt'], max_new_tokens=token_budget, seed=seed, include_thoughts=False, **kw)
+        out.update(text=res.text, tokens=int(res.tokens), actions=_count_actions(getattr(res, 'macro_trace', None)),
+                   unclosed=bool((getattr(res, 'meta', None) or {}).get('unclosed_thought', False)))
+    except Exception as e: out['error'] = f"{type(e).__name__}: {e}"
+    out['latency_ms'] = (time.perf_counter() - t0) * 1000
+    return out
+
+def score_item(g:dict, item:dict, rewards, metrics_fn:Callable|None=None, rb=None) -> tuple:
+    "(reward, terms, metrics, error) of a generated item; `rb` = its precomputed RewardBreakdown, if any."
+    metrics_fn = metrics_fn or getattr(rewards, 'task_metrics', None)
+    try:
+        if rb is None: rb = rewards.calc(g['text'], item=item, n_tokens=g['tokens'], unclosed_thought=g['unclosed'])
+        metrics = {k: float(v) for k, v in (metrics_fn(g['text'], item) if metrics_fn else {}).items()}
+        return float(rb.total), {k: float(v) for k, v in rb.terms.items()}, metrics, g['error']
+    except Exception as e:
+        return math.nan, {}, {}, g['error'] or f"scoring failed: {type(e).__name__}: {e}"
+
+def _record(controller, version, item, g, scored, seed) -> ItemRecord:
+    reward, terms, metrics, err = scored
+    return ItemRecord(getattr(controller, 'name', type(controller).__name__), version, item['id'], item['task'], g['text'],
+                      metrics, terms, reward, g['tokens'], g['latency_ms'], err, seed, g['actions'])
+
 def run_item(controller, item:dict, engine, rewards, token_budget:int, seed:int=0, version:str|None=None,
              metrics_fn:Callable|None=None) -> ItemRecord:
     "Generate and score one item; errors are recorded in the record, not raised."
-    name = getattr(controller, 'name', type(controller).__name__)
-    metrics_fn = metrics_fn or getattr(rewards, 'task_metrics', None)
-    text, tokens, unclosed, actions, err = '', 0, False, {}, None
-    t0 = time.perf_counter()
-    try:
-        res = controller.generate(engine, item['prompt'], max_new_tokens=token_budget, seed=seed, include_thoughts=False)
-        text, tokens = res.text, int(res.tokens)
-        unclosed = bool((getattr(res, 'meta', None) or {}).get('unclosed_thought', False))
-        actions = _count_actions(getattr(res, 'macro_trace', None))
-    except Exception as e: err = f"{type(e).__name__}: {e}"
-    latency = (time.perf_counter() - t0) * 1000
-    try:
-        rb = rewards.calc(text, item=item, n_tokens=tokens, unclosed_thought=unclosed)
-        reward, terms = float(rb.total), {k: float(v) for k, v in rb.terms.items()}
-        metrics = {k: float(v) for k, v in (metrics_fn(text, item) if metrics_fn else {}).items()}
-    except Exception as e:
-        reward, terms, metrics = math.nan, {}, {}
-        err = err or f"scoring failed: {type(e).__name__}: {e}"
-    return ItemRecord(name, version, item['id'], item['task'], text, metrics, terms, reward, tokens, latency, err, seed, actions)
+    g = generate_item(controller, item, engine, token_budget, seed)
+    return _record(controller, version, item, g, score_item(g, item, rewards, metrics_fn), seed)
+
+def _batch_scores(rewards, gens:list, items:list) -> list:
+    "RewardBreakdowns of all generations in one `rewards.calc.batch` call (the judge batches its forwards); Nones if unavailable."
+    batch = getattr(getattr(rewards, 'calc', None), 'batch', None)
+    if batch is None: return [None] * len(gens)
+    try: return list(batch([g['text'] for g in gens], items, [g['tokens'] for g in gens], [g['unclosed'] for g in gens]))
+    except Exception: return [None] * len(gens)  # scored one by one, so the failing item gets its own error
 
 def run_suite(controller, # anything with `.name` and `.generate(engine, prompt, max_new_tokens, seed, include_thoughts)`
               suite:Suite, engine, # the shared `Engine` (passed through to the controller)
@@ -482,13 +507,21 @@ def run_suite(controller, # anything with `.name` and `.generate(engine, prompt,
               token_budget:int|None=None, # None = the suite's budget
               version:str|None=None, # registry version of the controller, if any
               meta:dict|None=None, # extra provenance, e.g. {'slm_fingerprint': ...}
-              progress:bool=True) -> SuiteResult:
+              progress:bool=True,
+              metrics_fn:Callable|None=None, # (text, item) -> task metrics; None = `rewards.task_metrics`
+              on_item:Callable|None=None, # called with each generation as it is done (e.g. to advance an outer progress bar)
+             ) -> SuiteResult:
     "Run `controller` on every item of `suite` at equal token budget and record metrics, rewards, tokens, latency, errors."
     budget = token_budget or suite.token_budget
     version = version if version is not None else getattr(controller, 'version', None)
     name = getattr(controller, 'name', type(controller).__name__)
-    recs = [run_item(controller, it, engine, rewards, budget, item_seed(suite.seed, it['id']), version)
-            for it in tqdm(suite.items, desc=f"eval {name}", disable=not progress, leave=False)]
+    gens, seeds = [], [item_seed(suite.seed, it['id']) for it in suite.items]
+    for it, sd in zip(tqdm(suite.items, desc=f"eval {name}", disable=not progress, leave=False), seeds):
+        gens.append(generate_item(controller, it, engine, budget, sd))
+        if on_item is not None: on_item(gens[-1])
+    rbs = _batch_scores(rewards, gens, suite.items)
+    recs = [_record(controller, version, it, g, score_item(g, it, rewards, metrics_fn, rb), sd)
+            for it, g, rb, sd in zip(suite.items, gens, rbs, seeds)]
     prov = {k: getattr(engine, a) for k, a in (('slm_fingerprint', 'fingerprint'), ('config_hash', 'config_hash'),
                                                  ('feature_dim', 'feature_dim')) if getattr(engine, a, None) is not None}
     return SuiteResult(name, version, suite.name, suite.hash, budget, recs, {**prov, **(meta or {})})
@@ -949,3 +982,210 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: write_comparison([r_weak, other], cfg, d), contains='different suites')
     names = sorted(str(p.relative_to(d)) for p in Path(d).rglob('*') if p.is_file())
 names
+
+# %% [markdown]
+# ## Real controllers at equal budget
+# `evaluate_controllers` runs controllers on the suite with the shared engine (`engine.get_engine(cfg)`)
+# and the rewards module's `RewardCalculator`, every one at `evaluate.token_budget` tokens per item
+# (best-of-N candidates, resampled chunks and thoughts all count). A controller is an object with
+# `.name` and `.generate`, or a name that `research_controller.promotion.resolve_controller` turns into one:
+# a baseline (`greedy`, `sampling`, `best_of_n`, `threshold`), a registry version `vN`, or `active`.
+
+# %%
+#| export
+BASELINE_ORDER = ('greedy', 'sampling', 'best_of_n', 'threshold')
+
+def default_engine(cfg:Config):
+    "The shared engine on the configured SLM (`engine.get_engine`, cached per config)."
+    from research_controller import engine as E
+    if hasattr(E, 'get_engine'): return E.get_engine(cfg)
+    from research_controller.slm import load_slm
+    model, tok = load_slm(cfg)
+    return E.Engine(model, tok, cfg)
+
+def default_rewards(cfg:Config, engine):
+    "The rewards module's `RewardCalculator` on the engine's SLM (it is also the G-Eval judge)."
+    from research_controller.rewards import RewardCalculator
+    return RewardCalculator(cfg, getattr(engine, 'model', None), getattr(engine, 'tok', None))
+
+def metrics_fn_for(rewards) -> Callable:
+    "`(text, item) -> task metrics`: `rewards.task_metrics` when it has one, else `rewards.task_score(item, text)`."
+    if hasattr(rewards, 'task_metrics'): return rewards.task_metrics
+    from research_controller.rewards import task_score
+    return lambda text, item: task_score(item, text)
+
+def _label(c) -> str:
+    v = getattr(c, 'version', None); n = getattr(c, 'name', type(c).__name__)
+    return f"{n}@{v}" if v else n
+
+def as_controllers(cfg:Config, controllers:list, registry=None) -> list:
+    "Controller objects from objects or names (baseline, 'vN', 'active'); labels must be unique."
+    if isinstance(controllers, (str, bytes)) or not controllers:
+        raise ValueError(f"controllers must be a non-empty list of controllers or names, got {controllers!r}.")
+    out = []
+    for c in controllers:
+        if isinstance(c, str):
+            from research_controller.promotion import resolve_controller
+            c = resolve_controller(cfg, c, registry)
+        elif not callable(getattr(c, 'generate', None)):
+            raise TypeError(f"{c!r} is not a controller: it needs .name and .generate(engine, prompt, max_new_tokens, seed, include_thoughts).")
+        out.append(c)
+    labels = [_label(c) for c in out]
+    dup = sorted({l for l in labels if labels.count(l) > 1})
+    if dup: raise ValueError(f"controllers {dup} appear more than once (e.g. 'active' when nothing is promoted is the threshold controller); list each once.")
+    return out
+
+def evaluate_controllers(cfg:Config, # `evaluate` (budget, suite), `slm`, `rewards`, ...
+                         controllers:list, # controller objects and/or names: greedy, sampling, best_of_n, threshold, vN, active
+                         suite:Suite|None=None, # None = `get_suite(cfg)` (the fixed default suite)
+                         progress:bool=True, # one tqdm bar over every (controller, item)
+                         engine=None, # None = `default_engine(cfg)`
+                         rewards=None, # None = `default_rewards(cfg, engine)`
+                         registry=None, # registry for 'vN'/'active' names; None = the configured one
+                        ) -> list:
+    "Run every controller on the suite at `evaluate.token_budget` tokens per item; one `SuiteResult` each."
+    suite = suite if suite is not None else get_suite(cfg)
+    budget = cfg.evaluate.token_budget
+    if suite.token_budget != budget:
+        raise SuiteError(f"suite {suite.name!r} fixes {suite.token_budget} tokens per item but evaluate.token_budget is {budget}; "
+                         f"set evaluate.token_budget={suite.token_budget} (or build a new suite) so every result is at the suite's budget.")
+    ctls = as_controllers(cfg, controllers, registry)
+    engine = engine if engine is not None else default_engine(cfg)
+    rewards = rewards if rewards is not None else default_rewards(cfg, engine)
+    mfn, out = metrics_fn_for(rewards), []
+    bar = tqdm(total=len(ctls) * len(suite), desc='evaluate', unit='item', disable=not progress)
+    try:
+        for c in ctls:
+            bar.set_postfix_str(_label(c))
+            out.append(run_suite(c, suite, engine, rewards, budget, meta={'config_hash': config_hash(cfg)}, progress=False,
+                                 metrics_fn=mfn, on_item=lambda r: bar.update(1)))
+    finally: bar.close()
+    return out
+
+# %% [markdown]
+# With the fakes (the engine is only passed through to the controllers, so a namespace stands in for it):
+
+# %%
+cfg32 = load_config(overrides=['evaluate.token_budget=32'])
+fake_engine = SimpleNamespace(fingerprint='f' * 16, feature_dim=24)
+res = evaluate_controllers(cfg32, [weak, strong, flaky], suite, progress=False, engine=fake_engine, rewards=rewards)
+test_eq([r.label for r in res], ['weak', 'strong', 'flaky'])
+nolat = lambda r: [(x.item_id, x.text, x.reward, x.tokens, x.seed) for x in r.records]
+test_eq([nolat(r) for r in res[:2]], [nolat(r_weak), nolat(r_strong)])  # same seeds, same items: same outcome as run_suite
+test_eq((res[0].meta['slm_fingerprint'], res[0].meta['config_hash']), ('f' * 16, config_hash(cfg32)))
+test_fail(lambda: evaluate_controllers(load_config(), [weak], suite, engine=fake_engine, rewards=rewards), contains='set evaluate.token_budget=32')
+test_fail(lambda: evaluate_controllers(cfg32, [weak, weak], suite, engine=fake_engine, rewards=rewards), contains="['weak'] appear more than once")
+test_fail(lambda: evaluate_controllers(cfg32, [object()], suite, engine=fake_engine, rewards=rewards), contains='is not a controller')
+res
+
+# %% [markdown]
+# A `RewardCalculator` scores a whole controller's answers in one `calc.batch` call (the G-Eval judge
+# then batches its forward passes); the result is the same as scoring one by one:
+
+# %%
+class BatchCalc:
+    def __init__(self, r): self.r, self.batches = r, []
+    def __call__(self, *a, **k): return self.r.calc(*a, **k)
+    def batch(self, texts, items, n_tokens, unclosed):
+        self.batches.append(len(texts)); return [self.r.calc(*x) for x in zip(texts, items, n_tokens, unclosed)]
+brew = SimpleNamespace(calc=BatchCalc(rewards), task_metrics=rewards.task_metrics)
+r_b = run_suite(strong, suite, None, brew, progress=False)
+test_eq((brew.calc.batches, nolat(r_b)), ([18], nolat(r_strong)))
+brew.calc.batches
+
+# %% [markdown]
+# A controller whose `generate` takes the task item (best-of-N scoring its candidates by reward does) gets it:
+
+# %%
+class ItemAware(FakeController):
+    def generate(self, engine, prompt, max_new_tokens, seed=0, include_thoughts=False, item=None):
+        self.seen = item['id']; return super().generate(engine, prompt, max_new_tokens, seed, include_thoughts)
+ia = ItemAware('item-aware', suite, 0.5)
+rec = run_item(ia, suite.items[4], None, rewards, 32, seed=0)
+test_eq((ia.seen, _takes_item(ia), _takes_item(weak)), ('squad-4', True, False))
+rec.item_id
+
+# %% [markdown]
+# `run_compare` is `rc evaluate --compare`: it evaluates the given controllers, or by default every
+# baseline plus the active learned controller when there is one, and writes the results, the
+# Markdown table and the plots (`write_comparison`). The table's reference is the first controller.
+
+# %%
+#| export
+def default_controller_names(cfg:Config) -> list:
+    "The baselines, then 'active' when the registry has an active version."
+    names = list(BASELINE_ORDER)
+    if (run_path(cfg, cfg.promotion.registry_dir)/'active.json').exists(): names.append('active')
+    return names
+
+class CompareRun:
+    "What `run_compare` produced: the results, the Markdown table and the written paths."
+    def __init__(self, results:list, table:str, paths:dict): self.results, self.table, self.paths = results, table, paths
+    def __repr__(self):
+        files = [str(p) for k, v in self.paths.items() for p in (v if isinstance(v, list) else [v])]
+        return self.table + '\nwritten:\n  ' + '\n  '.join(files)
+
+def run_compare(cfg:Config, # the config (`evaluate`, `promotion.registry_dir`, ...)
+                controllers:list|None=None, # objects or names; None = `default_controller_names(cfg)`
+                out_dir:str|Path|None=None, # None = runs/<evaluate.out_dir>/<suite name>
+                progress:bool=True,
+                compare:bool=True, # False = results and summary table only, no plots
+                suite:Suite|None=None, engine=None, rewards=None, registry=None,
+               ) -> CompareRun:
+    "Evaluate controllers at equal budget and write results JSON, `compare.md` (with CIs) and PNG plots."
+    results = evaluate_controllers(cfg, controllers or default_controller_names(cfg), suite, progress, engine, rewards, registry)
+    if compare: paths = write_comparison(results, cfg, out_dir)
+    else:
+        out = Path(out_dir) if out_dir else run_path(cfg, cfg.evaluate.out_dir)/results[0].suite
+        paths = {'results': [r.save(out/'results'/f"{r.label.replace('/', '_')}.json") for r in results]}
+    table = compare_table(results, cfg.evaluate, per_task=True)
+    return CompareRun(results, table, paths)
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    run = run_compare(cfg32, [weak, strong, flaky], d, progress=False, suite=suite, engine=fake_engine, rewards=rewards)
+    test_eq(sorted(p.name for p in Path(d).iterdir()), ['compare.md', 'metric_bars.png', 'results', 'reward_terms.png', 'tokens_vs_score.png'])
+    test_eq((Path(d)/'compare.md').read_text().split('\n', 2)[2], run.table)
+    test_eq([SuiteResult.load(p).label for p in run.paths['results']], ['weak', 'strong', 'flaky'])
+    test_eq('Δ reward vs weak' in run.table and '| strong | 18 |' in run.table, True)
+with tempfile.TemporaryDirectory() as d:
+    c = load_config(overrides=[f'paths.runs_dir={d}'])
+    test_eq(default_controller_names(c), ['greedy', 'sampling', 'best_of_n', 'threshold'])
+    (Path(d)/c.promotion.registry_dir).mkdir(parents=True); (Path(d)/c.promotion.registry_dir/'active.json').write_text('{}')
+    test_eq(default_controller_names(c)[-1], 'active')
+print(run)
+
+# %% [markdown]
+# ### A real run on the default SLM
+# Real controllers on the real SLM with the real rewards: the greedy and threshold baselines on one
+# eval item of two tasks at 16 tokens each (the G-Eval judge is switched off here only to keep the
+# default test fast; the slow cell below runs everything with every reward term).
+
+# %%
+small_cfg = load_config(overrides=['evaluate.per_task=1', 'evaluate.tasks=[nq_open, squad]', 'evaluate.token_budget=16',
+                                   'rewards.w_coherence=0'])
+small_suite = build_default_suite(small_cfg)
+small = evaluate_controllers(small_cfg, ['greedy', 'threshold'], small_suite, progress=False)
+test_eq([r.label for r in small], ['greedy', 'threshold'])
+test_eq([(rec.error, 0 < rec.tokens <= 16) for r in small for rec in r.records], [(None, True)] * 4)  # equal budget held
+test_eq(small[0].meta['slm_fingerprint'], default_engine(small_cfg).fingerprint)
+test_eq(sorted(small[0].term_names()), ['fluency', 'length', 'repetition', 'task', 'unclosed_thought'])
+test_eq(set(small[0].records[1].metrics), {'em', 'f1'})  # the squad item
+print(compare_table(small, small_cfg.evaluate, per_task=False))
+[(r.label, [rec.text for rec in r.records]) for r in small]
+
+# %% [markdown]
+# The full comparison (`rc evaluate --compare`): every baseline, plus the active learned controller
+# when there is one, on the default suite at `evaluate.token_budget` tokens with all reward terms.
+# It writes `runs/eval/default/compare.md` and the plots.
+
+# %%
+#| slow
+full = run_compare(load_config())
+test_eq(len(full.results) >= 4 and all(r.n == 32 for r in full.results), True)
+print(full)
+
+# %%
+#| slow
+from IPython.display import Image
+Image(filename=str(full.paths['metric_bars']))

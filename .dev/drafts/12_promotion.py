@@ -8,8 +8,8 @@
 # %%
 #| export
 from __future__ import annotations
-import datetime, hashlib, json, math, os, re, shutil, tempfile
-from dataclasses import asdict, dataclass, field
+import datetime, hashlib, json, math, os, re, shutil, tempfile, time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 from fastcore.basics import patch_to
@@ -23,6 +23,7 @@ from research_controller.evaluate import (Comparison, ItemRecord, SuiteError, Su
 from fastcore.test import test_eq, test_fail, test_close
 import subprocess, sys, textwrap, time
 import numpy as np
+from types import SimpleNamespace
 
 # %% [markdown]
 # ## The promotion policy
@@ -704,6 +705,8 @@ class TrainingReport:
     cycle: Optional[int] = None  # set by `write_report` when None
     config_hash: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    status: str = 'decided'  # 'promoted', 'rejected', 'dry_run', 'skipped' or 'error' (set by the coordinator)
+    error: Optional[str] = None  # 'ExcType: message' when the cycle failed
     @property
     def accepted(self) -> bool: return bool(self.decision.get('accepted'))
 
@@ -743,6 +746,621 @@ test_eq(reps[0]['challenger']['summary']['overall']['n'], 40)
 test_fail(lambda: write_report(TrainingReport(**{**reps[0], 'cycle': 1}), rdir), contains='never overwritten')
 [p.name for p in sorted(rdir.iterdir())]
 
+# %% [markdown]
+# ## Resolving a controller by name
+# `resolve_controller` is how the CLI, the service and the evaluation turn a name into a controller:
+# `None`/`'active'` is the active registry version (loaded as a network-only `PolicyController`), or the
+# threshold controller while nothing has been promoted; `'vN'` is that version (its checkpoint verified
+# first); a baseline name (`greedy`, `sampling`, `best_of_n`, `threshold`) comes from `engine.make_controller`.
+
+# %%
+#| export
+def baseline_names() -> set:
+    "The baseline controller names the engine offers."
+    from research_controller import engine as E
+    return set(getattr(E, 'BASELINES', ('greedy', 'sampling', 'best_of_n', 'threshold')))
+
+def registry_if_exists(cfg:Config, registry:ControllerRegistry|None=None) -> ControllerRegistry|None:
+    "`registry`, else the configured registry when it exists on disk (None otherwise; nothing is created)."
+    if registry is not None: return registry
+    return ControllerRegistry.from_config(cfg) if (run_path(cfg, cfg.promotion.registry_dir)/'versions').is_dir() else None
+
+def resolve_controller(cfg:Config, # the config (`promotion.registry_dir`, baselines, ...)
+                       spec:str|None=None, # None/'active', 'vN' (or 'N'), or a baseline name
+                       registry:ControllerRegistry|None=None, # None = the configured registry
+                      ):
+    "A controller from a name: the active version (threshold if none), a registry version, or a baseline."
+    spec = None if spec in (None, '', 'active') else spec
+    if spec is None:
+        reg = registry_if_exists(cfg, registry)
+        spec = (reg.active() if reg is not None else None) or 'threshold'
+    base = baseline_names()
+    if isinstance(spec, str) and spec in base:
+        from research_controller import engine as E
+        if not hasattr(E, 'make_controller'): raise ImportError(f"research_controller.engine has no make_controller; baseline {spec!r} needs it (update the package).")
+        return E.make_controller(spec, cfg)
+    try: v = version_name(spec)
+    except RegistryError: raise ValueError(f"controller {spec!r} is unknown: use a baseline ({', '.join(sorted(base))}), "
+                                           f"a registry version such as 'v3', or 'active'.") from None
+    reg = registry_if_exists(cfg, registry)
+    if reg is None: raise RegistryError(f"there is no registry at {str(run_path(cfg, cfg.promotion.registry_dir))!r}, so no version {v}; run `rc cycle` first.")
+    ck = reg.checkpoint(v)  # verified: sha256, SLM fingerprint, feature dim
+    from research_controller.selfplay import load_controller
+    ctl = load_controller(ck, cfg, name='policy'); ctl.version = v
+    return ctl
+
+# %% [markdown]
+# A registry of real (tiny) policy/value checkpoints: names resolve to `PolicyController`s of the right version.
+
+# %%
+from research_controller.network import PolicyValueNet, save_checkpoint
+from research_controller.macro_actions import ACTION_NAMES
+FP, DIM = '0123456789abcdef', 24
+
+def tiny_ckpt(path, seed, cfg=None):
+    "A real network checkpoint (small net) for the registry tests."
+    import torch
+    cfg = cfg or load_config(overrides=['network.hidden=16']); torch.manual_seed(seed)
+    return save_checkpoint(PolicyValueNet(DIM, len(ACTION_NAMES), cfg.network), path, FP, ACTION_NAMES, cfg)
+
+rtmp = Path(tempfile.mkdtemp())
+rcfg = load_config(overrides=[f'paths.runs_dir={rtmp}', 'network.hidden=16'])
+test_eq(registry_if_exists(rcfg), None)  # nothing created just by asking
+rreg = ControllerRegistry.from_config(rcfg)
+for i in (1, 2): rreg.register(tiny_ckpt(rtmp/f'c{i}.pt', i), dict(slm_fingerprint=FP, feature_dim=DIM))
+rreg.promote('v0002', who='test', why='resolve demo')
+ctl = resolve_controller(rcfg, 'v1')
+test_eq((type(ctl).__name__, ctl.name, ctl.version, ctl.net.in_dim), ('PolicyController', 'policy', 'v0001', DIM))
+test_eq(resolve_controller(rcfg).version, 'v0002'); test_eq(resolve_controller(rcfg, 'active').version, 'v0002')
+test_fail(lambda: resolve_controller(rcfg, 'v7'), contains='no version v0007')
+test_fail(lambda: resolve_controller(rcfg, 'smartest'), contains="controller 'smartest' is unknown")
+test_eq([type(resolve_controller(rcfg, b)).__name__ for b in ('greedy', 'best_of_n')], ['GreedyBaseline', 'BestOfN'])
+empty = load_config(overrides=[f'paths.runs_dir={rtmp}/empty'])
+test_eq((resolve_controller(empty).name, resolve_controller(empty, 'active').name), ('threshold', 'threshold'))  # nothing promoted yet
+test_eq((rtmp/'empty').exists(), False)
+ctl
+
+# %% [markdown]
+# ## The online learning cycle
+# `OnlineLearningCoordinator.run_cycle` is one turn of the loop: find the self-play trajectories that no
+# cycle has used yet (their episode ids, persisted in a JSON state file), skip unless at least
+# `promotion.min_new_trajectories` arrived, train a challenger from the champion's checkpoint on them,
+# benchmark champion and challenger on the fixed suite, apply the `PromotionPolicy`, register the
+# challenger (accepted or not: its benchmark stays on record) and promote it only when it passed, and
+# write the report. The champion is the active version (or `baseline_version`), and the threshold
+# controller before anything was promoted. A failure anywhere gives an error report, never a crash,
+# and leaves the active version and the unused trajectories as they were. One cycle runs at a time
+# (a file lock); the registry has its own lock.
+#
+# Every stage is injectable (`selfplay_fn`, `train_fn`, `evaluate_fn`, `controller_fn`) so the logic is
+# tested with fakes here and runs on the real modules by default:
+# `run_selfplay(cfg, checkpoint=, buffer_path=, seed=, progress=)`,
+# `train(cfg, buffer_path=, init_checkpoint=, out_dir=, episode_ids=, resume=, progress=)` and
+# `evaluate_controllers(cfg, controllers, suite=, progress=)`.
+
+# %%
+#| export
+def buffer_episode_ids(buffer_path:str|Path) -> list:
+    "Episode ids in a replay buffer, oldest first (`[]` when there is no buffer yet)."
+    p = Path(buffer_path)
+    if not (p/'header.json').exists(): return []
+    from research_controller.train import open_buffer
+    with open_buffer(p) as buf: return [buf.episode_meta(s)['episode_id'] for s in buf.episode_serials()]
+
+def checkpoint_meta(path:str|Path) -> dict:
+    "Registry metadata read from a network checkpoint: SLM fingerprint, feature dim, action names."
+    from research_controller.network import load_checkpoint
+    _, info = load_checkpoint(path)
+    return dict(slm_fingerprint=info['slm_fingerprint'], feature_dim=int(info['in_dim']), action_names=list(info['action_names']))
+
+def _default_selfplay(cfg, **kw):
+    from research_controller.selfplay import run_selfplay
+    return run_selfplay(cfg, **kw)
+
+def _default_train(cfg, **kw):
+    from research_controller.train import train
+    return train(cfg, **kw)
+
+def _default_evaluate(cfg, controllers, suite=None, progress=True):
+    from research_controller.evaluate import evaluate_controllers
+    return evaluate_controllers(cfg, controllers, suite=suite, progress=progress)
+
+class OnlineLearningCoordinator:
+    "Runs training cycles: new trajectories -> challenger -> benchmark -> promotion gate -> registry and report."
+    def __init__(self, cfg:Config, # `promotion`, `train`, `selfplay`, `evaluate`, `paths`
+                 registry:ControllerRegistry|None=None, # None = `ControllerRegistry.from_config(cfg)`
+                 selfplay_fn=None, # (cfg, checkpoint, buffer_path, seed, progress) -> summary; None = selfplay.run_selfplay
+                 train_fn=None, # (cfg, buffer_path, init_checkpoint, out_dir, episode_ids, resume, progress) -> TrainResult; None = train.train
+                 evaluate_fn=None, # (cfg, controllers, suite, progress) -> [SuiteResult]; None = evaluate.evaluate_controllers
+                 controller_fn=None, # spec ('threshold', 'vN') or checkpoint Path -> controller; None = resolve_controller / load_controller
+                 policy:PromotionPolicy|None=None, # None = PromotionPolicy.from_config(cfg)
+                 suite=None, # the fixed suite; None = the evaluate module's `get_suite(cfg)`
+                 buffer_path:str|Path|None=None, # None = <runs>/<selfplay.out_dir>/buffer (where self-play writes)
+                 who:str='coordinator', # recorded in the audit trail
+                 reuse_results:bool=True): # reuse the champion's stored benchmark result when suite and config are unchanged
+        self.cfg, self.who, self.suite, self.reuse_results = cfg, who, suite, reuse_results
+        self.registry = registry if registry is not None else ControllerRegistry.from_config(cfg)
+        self.selfplay_fn, self.train_fn = selfplay_fn or _default_selfplay, train_fn or _default_train
+        self.evaluate_fn, self.controller_fn = evaluate_fn or _default_evaluate, controller_fn or self._controller
+        self.policy = policy or PromotionPolicy.from_config(cfg)
+        self.buffer_path = Path(buffer_path) if buffer_path is not None else run_path(cfg, cfg.selfplay.out_dir)/'buffer'
+        self.reports_dir = run_path(cfg, cfg.promotion.reports_dir)
+        self.state_path = self.reports_dir/'coordinator_state.json'
+        self.reports_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(str(self.reports_dir/'cycle.lock'), timeout=cfg.promotion.lock_timeout_s)
+
+    def _controller(self, ref):
+        if isinstance(ref, Path):
+            from research_controller.selfplay import load_controller
+            c = load_controller(ref, self.cfg, name='challenger'); c.version = None
+            return c
+        return resolve_controller(self.cfg, ref, self.registry)
+
+    def __repr__(self):
+        return f"OnlineLearningCoordinator(active={self.registry.active()!r}, new trajectories={len(self.new_trajectories())})"
+
+# %% [markdown]
+# The state file: the episode ids already used, the number of cycles and of self-play runs. It is only
+# written while the cycle lock is held, and atomically.
+
+# %%
+#| export
+@patch_to(OnlineLearningCoordinator)
+def load_state(self) -> dict:
+    "The persisted coordinator state (empty at first)."
+    if not self.state_path.exists(): return {'seen': [], 'cycles': 0, 'selfplay_runs': 0}
+    try: d = json.loads(self.state_path.read_text(encoding='utf-8'))
+    except json.JSONDecodeError as e: raise RegistryError(f"coordinator state {str(self.state_path)!r} is corrupt ({e}); "
+                                                          "delete it to treat every trajectory in the buffer as new.") from None
+    return {'seen': [], 'cycles': 0, 'selfplay_runs': 0, **d}
+
+@patch_to(OnlineLearningCoordinator)
+def save_state(self, state:dict) -> Path:
+    "Write the coordinator state atomically."
+    return atomic_write_json(self.state_path, {**state, 'updated_at': _now()})
+
+@patch_to(OnlineLearningCoordinator)
+def new_trajectories(self, state:dict|None=None) -> list:
+    "Episode ids in the buffer that no finished cycle has used, oldest first."
+    seen = set((state or self.load_state())['seen'])
+    return [e for e in buffer_episode_ids(self.buffer_path) if e not in seen]
+
+# %% [markdown]
+# Benchmark results are kept per controller (`results/<version or threshold>.json` next to the reports),
+# stamped with the suite hash and the config hash. The champion was benchmarked when it was a challenger
+# (items are generated with per-item seeds, so a rerun gives the same answers): a cycle reuses that result
+# while suite and config are unchanged, which halves the benchmark time of every cycle.
+
+# %%
+#| export
+def relabel_result(res:SuiteResult, name:str, version:str|None) -> SuiteResult:
+    "The same result under another controller name/version (a challenger's result, once it is the champion)."
+    return SuiteResult(name, version, res.suite, res.suite_hash, res.token_budget,
+                       [replace(r, controller=name, version=version) for r in res.records], dict(res.meta))
+
+@patch_to(OnlineLearningCoordinator)
+def save_result(self, key:str, res:SuiteResult, suite_hash:str) -> Path:
+    "Keep `res` as the benchmark result of `key` (a version or 'threshold') for this suite and config."
+    r = SuiteResult(res.controller, res.version, res.suite, res.suite_hash, res.token_budget, res.records,
+                    {**res.meta, 'stored_for': {'key': key, 'suite_hash': suite_hash, 'config_hash': config_hash(self.cfg)}})
+    return r.save(self.reports_dir/'results'/f"{key}.json")
+
+@patch_to(OnlineLearningCoordinator)
+def stored_result(self, key:str, suite_hash:str) -> SuiteResult|None:
+    "The kept result of `key` when it was made on this suite with this config, else None."
+    p = self.reports_dir/'results'/f"{key}.json"
+    if not p.exists(): return None
+    try: r = SuiteResult.load(p)
+    except Exception: return None
+    st = r.meta.get('stored_for') or {}
+    ok = st.get('suite_hash') == suite_hash == r.suite_hash and st.get('config_hash') == config_hash(self.cfg)
+    return r if ok else None
+
+# %% [markdown]
+# Reports of cycles that did not reach a decision (skipped, failed) keep the same shape as the others:
+
+# %%
+#| export
+@patch_to(OnlineLearningCoordinator)
+def _bare_report(self, status:str, started:str, reasons:list, ids:list=(), champion:str|None=None,
+                 error:str|None=None, extra:dict|None=None) -> TrainingReport:
+    return TrainingReport(started, _now(), list(ids), 0, {'version': champion, 'label': champion or 'threshold'},
+                          {'version': None}, {'accepted': False, 'reasons': list(reasons)}, None, None,
+                          config_hash(self.cfg), dict(extra or {}), status, error)
+
+# %% [markdown]
+# `run_cycle` itself:
+
+# %%
+#| export
+@patch_to(OnlineLearningCoordinator)
+def run_cycle(self, dry_run:bool=False, # decide, but register, promote and write nothing
+              baseline_version:str|int|None=None, # champion to beat and train from; None = the active version
+              progress:bool=True,
+              extra:dict|None=None, # recorded in the report's `extra` (e.g. the self-play summary)
+             ) -> TrainingReport:
+    "One training cycle; returns its report (written under promotion.reports_dir unless skipped or a dry run)."
+    started, t0, times = _now(), time.perf_counter(), {}
+    try: self.lock.acquire()
+    except Timeout:
+        return self._bare_report('skipped', started, [f"SKIP another cycle has held {str(self.lock.lock_file)!r} for more than "
+                                                      f"{self.lock.timeout} s; try again when it is done (or raise promotion.lock_timeout_s)."])
+    ids, champ_v, step = [], None, 'reading the coordinator state'
+    try:
+        state = self.load_state()
+        step = 'listing the trajectories'
+        ids = self.new_trajectories(state); need = self.cfg.promotion.min_new_trajectories
+        if len(ids) < need:
+            return self._bare_report('skipped', started, [f"SKIP {len(ids)} new trajectories in {str(self.buffer_path)!r}, fewer than "
+                                                          f"promotion.min_new_trajectories = {need}; run self-play first."], ids)
+        step = 'finding the champion'
+        champ_v = version_name(baseline_version) if baseline_version is not None else self.registry.active()
+        init = self.registry.checkpoint(champ_v) if champ_v else None
+        step = 'training the challenger'; t = time.perf_counter()
+        out = run_path(self.cfg, self.cfg.train.checkpoint_dir)/'cycles'/('cycle-' + re.sub(r'[^0-9T]', '', started)[:18])
+        tr = self.train_fn(self.cfg, buffer_path=self.buffer_path, init_checkpoint=init, out_dir=out, episode_ids=ids,
+                           resume=False, progress=progress)
+        times['train_s'] = time.perf_counter() - t
+        step = 'benchmarking champion and challenger'; t = time.perf_counter()
+        if self.suite is None:
+            from research_controller.evaluate import get_suite
+            self.suite = get_suite(self.cfg)
+        key = champ_v or 'threshold'
+        kept = self.stored_result(key, self.suite.hash) if self.reuse_results else None
+        ctls = ([] if kept else [self.controller_fn(key)]) + [self.controller_fn(Path(tr.checkpoint))]
+        out = self.evaluate_fn(self.cfg, ctls, suite=self.suite, progress=progress)
+        res_chall = out[-1]
+        res_champ = relabel_result(kept, 'threshold' if champ_v is None else 'policy', champ_v) if kept else out[0]
+        if not kept and not dry_run: self.save_result(key, res_champ, self.suite.hash)
+        times['evaluate_s'] = time.perf_counter() - t
+        step = 'applying the promotion policy'
+        dec = self.policy.evaluate(res_champ, res_chall)
+        n_samples = getattr(tr, 'positions', 0) or getattr(tr, 'samples', 0)
+        extra = dict(extra or {}, baseline_version=champ_v, challenger_checkpoint=str(tr.checkpoint), train_steps=getattr(tr, 'steps', None),
+                     final_loss=(tr.losses[-1] if getattr(tr, 'losses', None) else None), dry_run=dry_run, buffer_path=str(self.buffer_path))
+        chall_v = promoted = None
+        if not dry_run:
+            step = 'registering the challenger'
+            meta = dict(checkpoint_meta(tr.checkpoint), parent_version=champ_v, training_data_ids=list(ids), config=self.cfg,
+                        benchmark=res_chall.summary(), notes=f"challenger of {champ_v or 'threshold'}: {'accepted' if dec.accepted else 'rejected'}")
+            chall_v = self.registry.register(tr.checkpoint, meta, who=self.who)
+            self.save_result(chall_v, res_chall, self.suite.hash)
+            if dec.accepted:
+                step = f'promoting {chall_v}'
+                m = dec.metrics
+                self.registry.promote(chall_v, who=self.who, decision=dec.to_dict(),
+                                      why=f"beat {res_champ.label}: reward {m['reward_challenger']:.4f} vs {m['reward_champion']:.4f} "
+                                          f"({m['reward_delta']:+.4f}, p={m['p_adj']:.3g}) on {m['n']} items")
+                promoted = chall_v
+            state = self.load_state()
+            self.save_state({**state, 'seen': state['seen'] + [i for i in ids if i not in set(state['seen'])], 'cycles': state['cycles'] + 1})
+        extra.update(challenger_version=chall_v, champion_result_reused=bool(kept))
+        extra['seconds'] = {**times, 'total_s': time.perf_counter() - t0}
+        rep = make_report(res_champ, res_chall, dec, started_at=started, trajectory_ids=ids, n_samples=n_samples,
+                          promoted_version=promoted, cfg=self.cfg, extra=extra)
+        rep.champion['version'], rep.challenger['version'] = champ_v, chall_v
+        rep.status = 'dry_run' if dry_run else ('promoted' if promoted else 'rejected')
+        if not dry_run: write_report(rep, self.reports_dir, self.cfg.promotion.lock_timeout_s)
+        return rep
+    except Exception as e:
+        import traceback
+        err = f"{type(e).__name__}: {e}"
+        rep = self._bare_report('error', started, [f"ERROR while {step}: {err}"], ids, champ_v, err,
+                                {**(extra or {}), 'traceback': traceback.format_exc()[-4000:], 'dry_run': dry_run, 'seconds': {**times, 'total_s': time.perf_counter() - t0}})
+        if not dry_run:
+            try: write_report(rep, self.reports_dir, self.cfg.promotion.lock_timeout_s)
+            except Exception as e2: rep.extra['report_write_error'] = f"{type(e2).__name__}: {e2}"
+        return rep
+    finally: self.lock.release()
+
+# %% [markdown]
+# A printable summary of a report (what `rc cycle` prints at the end):
+
+# %%
+#| export
+def report_table(report:TrainingReport|dict) -> str:
+    "A two-column Markdown summary of a cycle report."
+    r = asdict(report) if isinstance(report, TrainingReport) else dict(report)
+    d, m = r.get('decision') or {}, (r.get('decision') or {}).get('metrics') or {}
+    ch, cl = r.get('champion') or {}, r.get('challenger') or {}
+    ids = r.get('trajectory_ids') or []
+    def f(x, fmt='.4f'): return '—' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+    rows = [('cycle', r.get('cycle') if r.get('cycle') is not None else '— (not written)'), ('status', r.get('status', '')),
+            ('started / finished', f"{r.get('started_at', '')} / {r.get('finished_at', '')}"),
+            ('new trajectories', f"{len(ids)}" + (f" ({ids[0]} … {ids[-1]})" if ids else '')), ('training samples', r.get('n_samples', 0)),
+            ('champion', f"{ch.get('label') or ch.get('version') or 'threshold'}"),
+            ('challenger', f"{cl.get('label', '—')}" + (f" registered as {cl['version']}" if cl.get('version') else ''))]
+    if 'reward_delta' in m:
+        ci = m.get('reward_ci') or [None, None]
+        rows += [('reward champion → challenger', f"{f(m.get('reward_champion'))} → {f(m.get('reward_challenger'))}"),
+                 ('Δ reward [CI]', f"{f(m.get('reward_delta'), '+.4f')} [{f(ci[0], '+.4f')}, {f(ci[1], '+.4f')}]"),
+                 (f"p ({m.get('test', '')}, {m.get('correction', '')})", f(m.get('p_adj'), '.3g')), ('items', m.get('n')),
+                 ('error rate champion / challenger', f"{f(m.get('error_rate_champion'), '.1%')} / {f(m.get('error_rate_challenger'), '.1%')}"),
+                 ('latency ms champion / challenger', f"{f(m.get('latency_ms_champion'), '.0f')} / {f(m.get('latency_ms_challenger'), '.0f')}")]
+    rows += [('decision', 'ACCEPTED' if d.get('accepted') else 'REJECTED' if r.get('status') in ('rejected', 'dry_run', 'promoted', 'decided') else r.get('status', '').upper()),
+             ('active version now', r.get('promoted_version') or '(unchanged)')]
+    if r.get('error'): rows.append(('error', r['error']))
+    secs = (r.get('extra') or {}).get('seconds') or {}
+    if secs: rows.append(('seconds', ', '.join(f"{k[:-2]} {v:.1f}" for k, v in secs.items())))
+    out = '| | |\n|---|---|\n' + '\n'.join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)
+    return out + '\n\n' + '\n'.join(d.get('reasons', []))
+
+# %% [markdown]
+# ### Cycles on fakes
+# A real replay buffer holds fake episodes; the fake trainer writes a real (tiny) network checkpoint and
+# assigns it a "quality"; the fake benchmark gives each controller the per-item rewards `base + quality +
+# noise` (the threshold controller has quality 0). So the cycle's logic is exercised exactly, in seconds.
+
+# %%
+from research_controller.buffer import ReplayBuffer
+import torch
+
+def add_fake_episodes(cfg, ids, T=3):
+    "Append fake episodes with the given ids to the configured self-play buffer."
+    with ReplayBuffer(run_path(cfg, cfg.selfplay.out_dir)/'buffer', DIM, 5, 1000, 'float32') as buf:
+        rng = np.random.default_rng(len(ids))
+        for eid in ids:
+            buf.add_episode(rng.normal(size=(T, DIM)), np.ones((T, 5), bool), np.full((T, 5), 0.2), np.zeros(T),
+                            {'episode_id': eid, 'controller_version': 'uniform', 'slm_fingerprint': FP})
+
+class FakeWorld:
+    "Fake trainer / controllers / benchmark sharing one table of checkpoint qualities."
+    def __init__(self, cfg, qualities): self.cfg, self.qualities, self.by_sha, self.calls = cfg, list(qualities), {}, []
+    def train(self, cfg, buffer_path, init_checkpoint, out_dir, episode_ids, resume, progress):
+        if not self.qualities: raise RuntimeError("the fake trainer ran out of data")
+        q = self.qualities.pop(0)
+        if q is None: raise RuntimeError("CUDA out of memory (simulated training failure)")
+        self.calls.append(dict(init=init_checkpoint and sha256_file(init_checkpoint), n=len(episode_ids), resume=resume))
+        ck = tiny_ckpt(Path(out_dir)/'final.pt', seed=len(self.by_sha) + 10, cfg=cfg)
+        self.by_sha[sha256_file(ck)] = q
+        return SimpleNamespace(checkpoint=str(ck), steps=5, samples=5 * 128, positions=3 * len(episode_ids), losses=[{'total': 1.0}])
+    def controller(self, ref):
+        if isinstance(ref, Path): return SimpleNamespace(name='challenger', version=None, q=self.by_sha[sha256_file(ref)])
+        if ref == 'threshold': return SimpleNamespace(name='threshold', version=None, q=0.0)
+        return SimpleNamespace(name='policy', version=ref, q=self.by_sha[sha256_file(self.registry.checkpoint(ref))])
+    def evaluate(self, cfg, controllers, suite=None, progress=True):
+        noise = np.random.default_rng(7)
+        return [fake_result(c.name, base + c.q + noise.normal(0, 0.02, 40), version=c.version) for c in controllers]
+    def coordinator(self, **kw):
+        c = OnlineLearningCoordinator(self.cfg, train_fn=self.train, evaluate_fn=self.evaluate, controller_fn=self.controller,
+                                      suite=SimpleNamespace(hash='a' * 64), **kw)
+        self.registry = c.registry
+        return c
+
+ctmp = Path(tempfile.mkdtemp())
+ccfg = load_config(overrides=[f'paths.runs_dir={ctmp}', 'network.hidden=16', 'promotion.min_new_trajectories=4'])
+world = FakeWorld(ccfg, [0.3, 0.0, 0.6, None, 0.5])
+coord = world.coordinator()
+add_fake_episodes(ccfg, ['ep-000', 'ep-001'])
+skip = coord.run_cycle(progress=False)
+test_eq((skip.status, skip.cycle, world.calls, coord.registry.versions()), ('skipped', None, [], []))
+test_eq('2 new trajectories' in skip.decision['reasons'][0] and 'min_new_trajectories = 4' in skip.decision['reasons'][0], True)
+skip.decision['reasons'][0]
+
+# %% [markdown]
+# Enough new trajectories: the first challenger (quality +0.3) beats the threshold controller and becomes `v0001`.
+
+# %%
+add_fake_episodes(ccfg, [f'ep-{i:03d}' for i in range(2, 6)])
+r1 = coord.run_cycle(progress=False)
+test_eq((r1.status, r1.cycle, r1.promoted_version, r1.accepted), ('promoted', 1, 'v0001', True))
+test_eq((r1.champion['label'], r1.champion['version'], r1.challenger['version']), ('threshold', None, 'v0001'))
+test_eq(r1.trajectory_ids, [f'ep-{i:03d}' for i in range(6)]); test_eq(r1.n_samples, 18)
+test_eq(r1.extra['champion_result_reused'], False)
+test_eq(world.calls[-1], dict(init=None, n=6, resume=False))  # first cycle: a fresh network
+test_eq(coord.registry.active(), 'v0001')
+test_eq(coord.registry.meta('v0001')['training_data_ids'], r1.trajectory_ids)
+test_eq(coord.load_state()['seen'], r1.trajectory_ids)
+test_eq(load_reports(coord.reports_dir)[-1]['promoted_version'], 'v0001')
+test_eq(coord.run_cycle(progress=False).status, 'skipped')  # the same trajectories are never used twice
+print(report_table(r1))
+
+# %% [markdown]
+# A challenger without a real gain is registered (its benchmark stays on record) but rejected: the active
+# version does not change. It was trained from the champion's checkpoint.
+
+# %%
+add_fake_episodes(ccfg, [f'ep-{i:03d}' for i in range(6, 11)])
+r2 = coord.run_cycle(progress=False)
+test_eq((r2.status, r2.cycle, r2.promoted_version, r2.challenger['version']), ('rejected', 2, None, 'v0002'))
+test_eq(coord.registry.active(), 'v0001')
+test_eq(world.calls[-1]['init'], sha256_file(coord.registry.checkpoint('v0001')))  # trained from the champion
+test_eq(r2.champion['label'], 'policy@v0001')
+test_eq(r2.extra['champion_result_reused'], True)  # v0001 was benchmarked as the challenger of cycle 1
+test_eq(coord.stored_result('v0001', 'a' * 64).label, 'challenger')  # kept as benchmarked, relabelled when used as champion
+test_close(r2.decision['metrics']['reward_champion'], r1.decision['metrics']['reward_challenger'], eps=1e-12)
+test_eq(coord.stored_result('v0001', 'b' * 64), None)  # another suite: benchmark again
+test_eq(any(r.startswith('FAIL reward_gain') for r in r2.decision['reasons']), True)
+test_eq(coord.registry.meta('v0002')['notes'], 'challenger of v0001: rejected')
+print(report_table(r2))
+
+# %% [markdown]
+# A dry run decides but changes nothing: no version, no report, the trajectories stay new.
+
+# %%
+add_fake_episodes(ccfg, [f'ep-{i:03d}' for i in range(11, 16)])
+before = (coord.registry.versions(), coord.registry.active(), coord.load_state(), len(load_reports(coord.reports_dir)))
+r3 = coord.run_cycle(dry_run=True, progress=False)
+test_eq((r3.status, r3.accepted, r3.promoted_version, r3.cycle), ('dry_run', True, None, None))
+test_eq((coord.registry.versions(), coord.registry.active(), coord.load_state(), len(load_reports(coord.reports_dir))), before)
+test_eq(len(coord.new_trajectories()), 5)
+r3.decision['reasons'][2]
+
+# %% [markdown]
+# Training fails: an error report is written, nothing is promoted, and the trajectories wait for the next cycle.
+
+# %%
+r4 = coord.run_cycle(progress=False)
+test_eq((r4.status, r4.cycle, r4.promoted_version, r4.accepted), ('error', 3, None, False))
+test_eq(r4.error, 'RuntimeError: CUDA out of memory (simulated training failure)')
+test_eq(r4.decision['reasons'], ['ERROR while training the challenger: RuntimeError: CUDA out of memory (simulated training failure)'])
+test_eq('Traceback' in r4.extra['traceback'], True)
+test_eq((coord.registry.active(), coord.registry.versions(), len(coord.new_trajectories())), ('v0001', ['v0001', 'v0002'], 5))
+test_eq(load_reports(coord.reports_dir)[-1]['status'], 'error')
+print(report_table(r4))
+
+# %% [markdown]
+# `baseline_version` names the champion to beat (and to train from) instead of the active one. Here the
+# challenger (quality +0.5) is compared with the rejected `v0002` (quality 0) and promoted.
+
+# %%
+r5 = coord.run_cycle(baseline_version='v2', progress=False)
+test_eq((r5.status, r5.champion['version'], r5.promoted_version), ('promoted', 'v0002', 'v0003'))
+test_eq(world.calls[-1]['init'], sha256_file(coord.registry.checkpoint('v0002')))
+test_eq(coord.registry.meta('v0003')['parent_version'], 'v0002')
+test_eq(len(coord.new_trajectories()), 0)
+coord.registry
+
+# %% [markdown]
+# Rollback restores the previous version (an audited event, the history is kept), and names resolve to it:
+
+# %%
+ev = coord.registry.rollback(who='operator', why='v0003 answers worse on live traffic')
+test_eq((ev['version'], ev['previous'], coord.registry.active()), ('v0001', 'v0003', 'v0001'))
+test_eq(resolve_controller(ccfg, 'active', coord.registry).version, 'v0001')
+test_eq(coord.registry.check(), [])
+test_eq([(e['event'], e['version']) for e in coord.registry.history() if e['event'] != 'register'],
+        [('promote', 'v0001'), ('promote', 'v0003'), ('rollback', 'v0001')])
+[p.name for p in sorted(coord.reports_dir.iterdir())]
+
+# %% [markdown]
+# ### Two cycles started at once
+# Two processes run `run_cycle` on the same runs directory (same buffer, registry, state and reports),
+# released at the same instant. The cycle lock serialises them: one trains on the 8 new trajectories and
+# is promoted, the other then finds nothing new and skips. The registry, the state and the reports
+# stay consistent, and no trajectory is used twice.
+
+# %%
+cworker = textwrap.dedent('''
+    import sys, time, pickle
+    from pathlib import Path
+    import numpy as np
+    from types import SimpleNamespace
+    from research_controller.config import load_config
+    from research_controller.promotion import OnlineLearningCoordinator, checkpoint_meta
+    from research_controller.evaluate import ItemRecord, SuiteResult
+    import torch
+    from research_controller.network import PolicyValueNet, save_checkpoint
+    from research_controller.macro_actions import ACTION_NAMES
+    runs, name = Path(sys.argv[1]), sys.argv[2]
+    cfg = load_config(overrides=[f"paths.runs_dir={runs}", "network.hidden=16", "promotion.min_new_trajectories=4"])
+    def train(cfg, buffer_path, init_checkpoint, out_dir, episode_ids, resume, progress):
+        torch.manual_seed(0); time.sleep(0.5)
+        ck = save_checkpoint(PolicyValueNet(24, 5, cfg.network), Path(out_dir)/f"{name}.pt", "0123456789abcdef", ACTION_NAMES, cfg)
+        return SimpleNamespace(checkpoint=str(ck), steps=1, samples=1, positions=len(episode_ids), losses=[])
+    def res(label, q):
+        recs = [ItemRecord(label, None, f"i{i}", "squad", "t", {}, {}, 0.5 + q + 0.01 * (i % 3), 10, 1.0) for i in range(20)]
+        return SuiteResult(label, None, "toy", "a" * 64, 64, recs)
+    def evaluate(cfg, controllers, suite=None, progress=True): return [res("champion", 0.0), res("challenger", 0.3)]
+    coord = OnlineLearningCoordinator(cfg, train_fn=train, evaluate_fn=evaluate, controller_fn=lambda ref: ref, who=name)
+    (runs/f"{name}.ready").touch()
+    while not (runs/"go").exists(): time.sleep(0.001)
+    rep = coord.run_cycle(progress=False)
+    print(rep.status, rep.cycle, rep.promoted_version, len(rep.trajectory_ids), rep.error)
+''')
+prun = Path(tempfile.mkdtemp())
+pcfg = load_config(overrides=[f'paths.runs_dir={prun}', 'network.hidden=16', 'promotion.min_new_trajectories=4'])
+add_fake_episodes(pcfg, [f'ep-{i:03d}' for i in range(8)])
+(prun/'cworker.py').write_text(cworker)
+procs = [subprocess.Popen([sys.executable, str(prun/'cworker.py'), str(prun), f"proc{k}"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) for k in (1, 2)]
+t0 = time.time()
+while not all((prun/f"proc{k}.ready").exists() for k in (1, 2)) and time.time() - t0 < 120: time.sleep(0.01)
+(prun/'go').touch()
+outs = sorted(p.communicate(timeout=180)[0].strip().splitlines()[-1] for p in procs)
+test_eq([p.returncode for p in procs], [0, 0])
+test_eq(outs, ['promoted 1 v0001 8 None', 'skipped None None 0 None'])
+preg = ControllerRegistry.from_config(pcfg)
+test_eq((preg.versions(), preg.active(), preg.check()), (['v0001'], 'v0001', []))
+preps = load_reports(run_path(pcfg, pcfg.promotion.reports_dir))
+test_eq([(r['cycle'], r['status']) for r in preps], [(1, 'promoted')])
+test_eq(json.loads((run_path(pcfg, pcfg.promotion.reports_dir)/'coordinator_state.json').read_text())['seen'], [f'ep-{i:03d}' for i in range(8)])
+outs
+
+# %% [markdown]
+# ## `cycle`: the main job
+# `cycle` is `rc cycle`: self-play with the active controller (`selfplay.episodes` episodes at
+# `selfplay.max_new_tokens` tokens, each run with a fresh seed so its episode ids are new), then
+# `run_cycle`, under one lock. It returns the report and its printable table.
+
+# %%
+#| export
+class CycleOutcome:
+    "What `cycle` did: the self-play summary, the cycle report and its printable table."
+    def __init__(self, selfplay, report:TrainingReport, seconds:float):
+        self.selfplay, self.report, self.seconds = selfplay, report, seconds
+    @property
+    def table(self) -> str: return report_table(self.report)
+    def __repr__(self):
+        sp = self.selfplay
+        head = (f"self-play: {sp.episodes} episodes, {sp.positions} positions, mean reward {sp.mean_reward:.3f}, {sp.seconds:.0f} s\n"
+                if sp is not None else '')
+        return head + self.table + f"\n\ncycle finished in {self.seconds:.0f} s"
+
+def cycle(cfg:Config, # the config (all sections)
+          progress:bool=True, # progress bars for self-play, training and the benchmark
+          dry_run:bool=False, # decide, but register, promote and write nothing
+          coordinator:OnlineLearningCoordinator|None=None, # None = OnlineLearningCoordinator(cfg)
+         ) -> CycleOutcome:
+    "One online-learning cycle: self-play with the active controller, then train, benchmark and gate a challenger."
+    t0, started = time.perf_counter(), _now()
+    co = coordinator or OnlineLearningCoordinator(cfg)
+    try: co.lock.acquire()
+    except Timeout:
+        return CycleOutcome(None, co._bare_report('skipped', started, [f"SKIP another cycle is running (lock {str(co.lock.lock_file)!r})."]),
+                            time.perf_counter() - t0)
+    try:
+        try:
+            state = co.load_state()
+            v = co.registry.active()
+            sp = co.selfplay_fn(cfg, checkpoint=co.registry.checkpoint(v) if v else None, buffer_path=co.buffer_path,
+                                seed=cfg.selfplay.seed + 1000 * state['selfplay_runs'], progress=progress)
+            if not dry_run: co.save_state({**co.load_state(), 'selfplay_runs': state['selfplay_runs'] + 1})
+        except Exception as e:
+            import traceback
+            err = f"{type(e).__name__}: {e}"
+            rep = co._bare_report('error', started, [f"ERROR during self-play: {err}"], error=err,
+                                  extra={'traceback': traceback.format_exc()[-4000:]})
+            if not dry_run: write_report(rep, co.reports_dir, cfg.promotion.lock_timeout_s)
+            return CycleOutcome(None, rep, time.perf_counter() - t0)
+        spx = {k: getattr(sp, k, None) for k in ('episodes', 'positions', 'mean_reward', 'seconds', 'buffer_path')}
+        rep = co.run_cycle(dry_run=dry_run, progress=progress, extra={'selfplay': spx})  # the lock is re-entrant in this process
+        return CycleOutcome(sp, rep, time.perf_counter() - t0)
+    finally: co.lock.release()
+
+# %% [markdown]
+# On fakes: a fake self-play adds 6 episodes whose ids carry the seed; two cycles use different seeds.
+
+# %%
+def fake_selfplay(cfg, checkpoint=None, buffer_path=None, seed=0, progress=True):
+    ids = [f"sp-s{seed}-e{i:05d}" for i in range(6)]; add_fake_episodes(cfg, ids)
+    return SimpleNamespace(episodes=6, positions=18, episode_ids=ids, mean_reward=0.25, seconds=0.1, checkpoint=checkpoint)
+
+stmp = Path(tempfile.mkdtemp())
+scfg = load_config(overrides=[f'paths.runs_dir={stmp}', 'network.hidden=16', 'promotion.min_new_trajectories=6'])
+sworld = FakeWorld(scfg, [0.3, 0.0])
+sco = sworld.coordinator(selfplay_fn=fake_selfplay)
+o1 = cycle(scfg, progress=False, coordinator=sco)
+o2 = cycle(scfg, progress=False, coordinator=sco)
+test_eq([(o.report.status, o.report.cycle, o.report.trajectory_ids[0]) for o in (o1, o2)],
+        [('promoted', 1, 'sp-s0-e00000'), ('rejected', 2, 'sp-s1000-e00000')])
+test_eq(load_reports(sco.reports_dir)[1]['extra']['selfplay']['episodes'], 6)
+test_eq((sco.registry.active(), sco.load_state()['selfplay_runs']), ('v0001', 2))
+o1
+
+# %% [markdown]
+# ### The real cycle
+# On the default configuration (real SLM, self-play with MCTS, training, the full benchmark suite for
+# champion and challenger): the README's main command. It runs in a fresh runs directory.
+
+# %%
+#| slow
+real_runs = Path(tempfile.mkdtemp())
+real = cycle(load_config(overrides=[f'paths.runs_dir={real_runs}']), progress=True)
+test_eq(real.report.status in ('promoted', 'rejected'), True)
+test_eq(len(real.report.trajectory_ids), load_config().selfplay.episodes)
+print(real)
+
 # %%
 #| hide
-shutil.rmtree(tmp_root, ignore_errors=True); shutil.rmtree(croot.parent, ignore_errors=True)
+for d in (tmp_root, croot.parent, rtmp, ctmp, prun, stmp): shutil.rmtree(d, ignore_errors=True)
