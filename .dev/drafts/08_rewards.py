@@ -1271,7 +1271,9 @@ class LengthPenalty(RewardTerm):
     name, order, kind = 'length', 40, 'penalty'
     def __init__(self, cfg:Config): self.cfg = cfg
     def __call__(self, ctx:RewardContext) -> float:
-        return length_penalty(ctx.n_tokens, self.cfg.rewards.target_tokens, self.cfg.rewards.min_tokens)
+        # an answer with no visible text is empty however many (thought) tokens it spent
+        n = ctx.n_tokens if ctx.text.strip() else 0
+        return length_penalty(n, self.cfg.rewards.target_tokens, self.cfg.rewards.min_tokens)
 
 class RepetitionPenalty(RewardTerm):
     "Word n-gram repeat rate."
@@ -1400,6 +1402,7 @@ _free = rc0.calc("Hugo von Mohl.")  # no item: no task term, fluency carries all
 test_eq('task' in _free.terms, False)
 test_close(_free.weights['fluency'], 3.0, eps=1e-9)
 test_eq(rc0.bounds, (-2.5, 3.0))
+test_eq(rc0.calc("", _it, n_tokens=30).terms['length'], 1.0)  # thought tokens spent, nothing visible: still empty
 _pen = rc0.calc("the city of the city of the city of the city", _it, n_tokens=96, unclosed_thought=True)
 test_eq((_pen.terms['length'], _pen.terms['unclosed_thought']), (1.0, 1.0))
 test_close(_pen.terms['repetition'], repetition_rate("the city of the city of the city of the city", 3), eps=1e-12)
