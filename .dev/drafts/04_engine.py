@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
-import os, io, re, copy
+import os, io, re, copy, json
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 # %% [markdown]
@@ -240,6 +240,7 @@ def new_states(self:Engine, prompts:Sequence[str], max_new_tokens:Optional[int]=
 Engine.new_states = new_states
 
 def _prefill(self:Engine, prompts, budget, seeds, temperature, top_p, top_k):
+    t0 = time.perf_counter()
     ids = [encode_prompt(self.tok, p, self.cfg) for p in prompts]
     for p, x in zip(prompts, ids):
         if len(x) + budget > self.max_positions:
@@ -268,7 +269,7 @@ def _prefill(self:Engine, prompts, budget, seeds, temperature, top_p, top_k):
         s.temperature = mcfg.temperature if temperature is None else float(temperature)
         s.top_p = mcfg.top_p if top_p is None else float(top_p)
         s.top_k = mcfg.top_k if top_k is None else int(top_k)
-        s.t0, s.t_done = time.perf_counter(), None
+        s.t0, s.t_done = t0, None
         states.append(s)
     return states
 Engine._prefill = _prefill
@@ -366,7 +367,18 @@ def signals(self:Engine, s:GenState) -> dict:
     return dict(entropy=t.entropy, varentropy=t.varentropy, logit_gap=t.logit_gap,
                 entropy_z=t.stats.zscore(t.entropy, self.cfg.features.zscore_min_std), position=m.spent / m.budget,
                 in_thought=m.in_thought, thought_len=m.thought_len, n_thoughts=m.n_thoughts, resamples=m.resamples,
-                last=m.last, spent=m.spent, left=m.left)
+                last=m.last, spent=m.spent, left=m.left, chunk_entropy_z=self._chunk_z(t),
+                chunk_hidden=bool(t.kind == 'chunk' and t.parent.ms.in_thought))
+
+def _chunk_z(self:Engine, t:Segment) -> float:
+    "z-score of the last chunk's mean token entropy against every entropy before it (standard error of a mean); 0 without a chunk or history."
+    if t.kind != 'chunk' or t.parent is None: return 0.0
+    ref, n = t.parent.stats, len(t.ids)
+    if ref.n < 2 or n < 1: return 0.0
+    tot = t.stats.n * t.stats.mean - ref.n * ref.mean  # entropies after each chunk token
+    mean = (t.parent.entropy + tot - t.entropy) / n  # entropies of the distributions the chunk's tokens were drawn from
+    return (mean - ref.mean) / (max(ref.std, self.cfg.features.zscore_min_std) / math.sqrt(n))
+Engine._chunk_z = _chunk_z
 Engine.features_batch, Engine.features, Engine.signals = features_batch, features, signals
 
 # %%
@@ -667,3 +679,433 @@ keep = [i for i in range(eng.feature_dim) if i != 2]
 test_close(FA[:, keep], FB[:, keep], eps=1e-3)
 test_close(FA[:, 2], FB[:, 2], eps=0.05)  # the z-score amplifies float noise: this random model's entropies are all ~log V
 [len(x.tip.gen_ids()) for x in A]
+
+# %% [markdown]
+# ## Results
+# `result` turns a state into the `GenerationResult` every controller returns. The visible `text` has the
+# thought spans, the thought tokens and the end-of-sequence token removed. The `macro_trace` has one
+# JSON-ready dict per decision: its step, action, the tokens it added, tokens spent so far, the chunk text
+# (`[thought redacted]` for thought content unless `include_thoughts`), and the named features of the state
+# the decision was taken in (what the controller saw). `tokens` is every token spent, resampled-away chunks
+# and thoughts included; `thought_text` (the thought spans, one per line) is only filled when asked.
+
+# %%
+#| export
+def decisions(self:Engine, s:GenState) -> list[_Decision]:
+    "The decisions of `s`, first to last."
+    out, d = [], s.last
+    while d is not None: out.append(d); d = d.parent
+    return out[::-1]
+
+def thought_spans(self:Engine, tip:Segment) -> list[list[int]]:
+    "Token ids inside each thought span of the kept sequence (thought tokens excluded; an unclosed span included)."
+    spans, cur = [], None
+    for t in tip.gen_ids():
+        if t == self.open_id: cur = []
+        elif t == self.close_id:
+            if cur is not None: spans.append(cur)
+            cur = None
+        elif cur is not None: cur.append(t)
+    if cur is not None: spans.append(cur)
+    return spans
+
+def trace(self:Engine, s:GenState, include_thoughts:bool=False, # show thought chunks instead of redacting them
+          notes:Optional[dict]=None, # {step: {key: value}} extra fields a controller attaches (e.g. why it acted)
+         ) -> list[dict]:
+    "One JSON-serialisable dict per decision of `s`: step, action, tokens added, spent so far, chunk text and features."
+    ds = self.decisions(s)
+    feats = self._vectors([(d.pre_tip, d.pre_ms, s.root, s.prompt) for d in ds])
+    out = []
+    for d, f in zip(ds, feats):
+        e = dict(step=d.step, action=d.action.name, tokens=d.post_ms.spent - d.pre_ms.spent, spent=d.post_ms.spent,
+                 kept=d.post_ms.kept, chunk=self._chunk_text(d, include_thoughts), features=feature_summary(f))
+        if d.post_ms.done: e['done'] = d.post_ms.reason
+        if notes and d.step in notes: e.update(notes[d.step])
+        out.append(e)
+    return out
+Engine.decisions, Engine.thought_spans, Engine.trace = decisions, thought_spans, trace
+
+# %%
+#| export
+def result(self:Engine, s:GenState, include_thoughts:bool=False, # also return the thought text and unredacted thought chunks
+           notes:Optional[dict]=None, # {step: {key: value}} extra trace fields from the controller
+          ) -> GenerationResult:
+    "The `GenerationResult` of `s`: visible text, macro trace, tokens spent, latency since the prefill, metadata."
+    tip, ms = s.tip, s.ms
+    text = self.tok.decode(self.visible_ids(tip), skip_special_tokens=True)
+    thought = ('\n'.join(self.tok.decode(x, skip_special_tokens=True) for x in self.thought_spans(tip))
+               if include_thoughts else None)
+    tr = self.trace(s, include_thoughts, notes)
+    meta = dict(slm_fingerprint=self.fingerprint, config_hash=self.config_hash, seed=s.seed,
+                stop=ms.reason if ms.done else None, unclosed_thought=bool(ms.in_thought),
+                resamples=sum(e['action'] == 'RESAMPLE' for e in tr), thoughts=ms.n_thoughts, kept_tokens=ms.kept,
+                budget=ms.budget, prompt_tokens=s.root.end, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    latency = ((s.t_done if s.t_done is not None else time.perf_counter()) - s.t0) * 1000
+    return GenerationResult(text, tr, ms.spent, round(latency, 3), thought, meta)
+Engine.result = result
+
+# %% [markdown]
+# On the walk through every action above (tiny model): the thought steps are redacted, the text holds
+# only the visible tokens, and the whole result survives a JSON round trip.
+
+# %%
+s = eng.new_state("What is the capital of France?", max_new_tokens=24, seed=1)
+for a in [Action.CONTINUE, Action.THINK_BEGIN, Action.CONTINUE, Action.THINK_END, Action.CONTINUE, Action.RESAMPLE, Action.STOP]:
+    eng.step(s, a)
+r = eng.result(s)
+test_eq([e['action'] for e in r.macro_trace], ['CONTINUE', 'THINK_BEGIN', 'CONTINUE', 'THINK_END', 'CONTINUE', 'RESAMPLE', 'STOP'])
+test_eq([e['tokens'] for e in r.macro_trace], [4, 1, 4, 1, 4, 4, 0])
+test_eq([e['chunk'] for e in r.macro_trace][1:4], ['[thought redacted]'] * 3)
+test_eq((r.tokens, r.thought_text, r.meta['stop'], r.meta['resamples'], r.meta['thoughts']), (18, None, 'stop', 1, 1))
+test_eq(r.text, tt.decode(eng.visible_ids(s.tip), skip_special_tokens=True))
+test_eq(json.loads(json.dumps(r.to_dict())), r.to_dict())
+test_eq(list(r.macro_trace[0]['features']), list(FEATURE_SCALARS) + ['hidden_norm'])
+ri = eng.result(s, include_thoughts=True)
+test_eq(ri.thought_text, tt.decode(eng.thought_spans(s.tip)[0], skip_special_tokens=True))
+test_eq(ri.macro_trace[2]['chunk'] != '[thought redacted]', True)
+test_eq(ri.text, r.text)
+{k: v for k, v in r.macro_trace[5].items()}
+
+# %% [markdown]
+# ## Controllers
+# Every controller has `.name`, `.version` (`None` for the training-free ones) and
+# `.generate(engine, prompt, max_new_tokens, seed=0, include_thoughts=False, item=None) -> GenerationResult`.
+# `max_new_tokens` is the **total** budget: every token forwarded counts, including resampled-away chunks,
+# thoughts and every best-of-N candidate. The single-trajectory controllers share one loop: prefill,
+# then ask `decide(engine, state) -> (action, why)` until the engine says the episode is over (STOP, EOS
+# or budget); `why` goes into the trace. `latency_ms` is the controller's wall time, prefill included.
+
+# %%
+#| export
+def _budget(engine:Engine, max_new_tokens) -> int:
+    "The total token budget: `max_new_tokens`, or `macro.max_new_tokens` when None."
+    b = engine.cfg.macro.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int (the total token budget, thoughts and resamples included).")
+    return int(b)
+
+class Controller:
+    "A training-free controller: `decide` picks one macro-action per decision point, `generate` runs the episode."
+    name, version = 'controller', None
+    def __init__(self, cfg:Config|None=None): self.cfg = cfg or load_config()
+    def __repr__(self): return f"{type(self).__name__}(name={self.name!r})"
+    def sampling(self) -> dict:
+        "Sampling settings of CONTINUE for `new_state` (empty = the engine's `macro` section)."
+        return {}
+    def decide(self, engine:Engine, s:GenState) -> tuple:
+        "(action, why or None) for state `s`."
+        raise NotImplementedError(f"{type(self).__name__} must implement decide(engine, state)")
+
+    def generate(self, engine:Engine, prompt:str, max_new_tokens:Optional[int]=None, seed:int=0,
+                 include_thoughts:bool=False, item:Optional[dict]=None) -> GenerationResult:
+        "Generate an answer to `prompt` spending at most `max_new_tokens` tokens in total."
+        t0 = time.perf_counter()
+        s = engine.new_state(prompt, _budget(engine, max_new_tokens), seed=seed, **self.sampling())
+        notes = {}
+        while not engine.is_done(s):
+            a, why = self.decide(engine, s)
+            engine.step(s, a)
+            if why: notes[s.last.step] = {'why': why}
+        r = engine.result(s, include_thoughts, notes)
+        r.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
+        r.meta['controller'] = self.name
+        return r
+
+class GreedyBaseline(Controller):
+    "CONTINUE greedily until end-of-sequence or the budget: plain decoding."
+    name = 'greedy'
+    def sampling(self): return dict(temperature=0.0)
+    def decide(self, engine, s): return Action.CONTINUE, None
+
+class SamplingBaseline(Controller):
+    "CONTINUE with temperature / nucleus sampling (`baselines.sampling_temperature`, `baselines.sampling_top_p`)."
+    name = 'sampling'
+    def sampling(self):
+        b = self.cfg.baselines
+        return dict(temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
+    def decide(self, engine, s): return Action.CONTINUE, None
+
+# %%
+g = GreedyBaseline(cfg).generate(eng, "Name a colour.", 10)
+test_eq((g.tokens <= 10, g.meta['controller'], g.meta['temperature'], {e['action'] for e in g.macro_trace}),
+        (True, 'greedy', 0.0, {'CONTINUE'}))
+test_fail(lambda: GreedyBaseline(cfg).generate(eng, "Name a colour.", 0), contains='max_new_tokens=0 must be a positive int')
+g.text, g.tokens, g.meta['stop']
+
+# %% [markdown]
+# ### Best-of-N
+# N sampled candidates, each with `budget // N` tokens (so the total never exceeds the budget), decoded
+# together in batched steps from one shared prefill (forks re-seeded per candidate). The default scorer
+# is the mean log-probability of each candidate's visible tokens (cached on the segments as
+# `lp_sum / lp_n`, so scoring is free); `scorer(text, item) -> float` plugs in anything else, and
+# `baselines.best_of_n_scorer = reward` uses the full reward (`08_rewards.RewardCalculator`). The trace
+# holds every candidate's decisions (field `candidate`), `tokens` the sum over all of them.
+
+# %%
+#| export
+def _mean_logprob(tip:Segment) -> float: return tip.lp_sum / tip.lp_n if tip.lp_n else -math.inf
+
+class BestOfN(Controller):
+    "Sample N candidates at equal shares of the budget and return the best-scoring one."
+    name = 'best_of_n'
+    def __init__(self, cfg:Config|None=None, scorer:Optional[Callable]=None, # (text, item) -> float; None = `baselines.best_of_n_scorer`
+                 n:Optional[int]=None): # candidates; None = `baselines.best_of_n`
+        super().__init__(cfg)
+        self.n = self.cfg.baselines.best_of_n if n is None else int(n)
+        if self.n < 1: raise ValueError(f"best-of-N needs n >= 1 (got {self.n}); set baselines.best_of_n.")
+        self.scorer, self._reward = scorer, None
+
+    def _scores(self, engine, cands, texts, item) -> list[float]:
+        if self.scorer is not None: return [float(self.scorer(t, item)) for t in texts]
+        if self.cfg.baselines.best_of_n_scorer == 'reward':
+            if self._reward is None:
+                from research_controller.rewards import RewardCalculator
+                self._reward = RewardCalculator(self.cfg, engine.model, engine.tok)
+            return [float(self._reward(t, item, n_tokens=engine.tokens_spent(c), unclosed_thought=c.ms.in_thought).total)
+                    for t, c in zip(texts, cands)]
+        return [_mean_logprob(c.tip) for c in cands]
+
+    def generate(self, engine:Engine, prompt:str, max_new_tokens:Optional[int]=None, seed:int=0,
+                 include_thoughts:bool=False, item:Optional[dict]=None) -> GenerationResult:
+        "Generate N candidates with `max_new_tokens // N` tokens each; return the best with every candidate's cost."
+        t0 = time.perf_counter()
+        budget = _budget(engine, max_new_tokens)
+        n = min(self.n, budget)
+        per = budget // n
+        b = self.cfg.baselines
+        root = engine.new_state(prompt, per, seed=seed, temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
+        seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(n)]
+        cands = [engine.fork(root, seed=sd) for sd in seeds]
+        while True:
+            live = [c for c in cands if not engine.is_done(c)]
+            if not live: break
+            engine.step_batch(live, [Action.CONTINUE] * len(live))
+        texts = [engine.tok.decode(engine.visible_ids(c.tip), skip_special_tokens=True) for c in cands]
+        scores = self._scores(engine, cands, texts, item)
+        best = int(np.argmax(scores))
+        r = engine.result(cands[best], include_thoughts)
+        r.macro_trace = [dict(e, candidate=i) for i, c in enumerate(cands)
+                         for e in (r.macro_trace if i == best else engine.trace(c, include_thoughts))]
+        r.tokens = sum(engine.tokens_spent(c) for c in cands)
+        r.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
+        r.meta.update(controller=self.name, budget=budget, per_candidate_budget=per, chosen=best,
+                      scorer=getattr(self.scorer, '__name__', 'callback') if self.scorer else b.best_of_n_scorer,
+                      candidates=[dict(seed=sd, tokens=engine.tokens_spent(c), score=round(float(sc), 6), stop=c.ms.reason)
+                                  for sd, c, sc in zip(seeds, cands, scores)])
+        return r
+
+# %% [markdown]
+# Equal budget: 4 candidates of 25 // 4 = 6 tokens spend at most 24 of 25. With a scorer that prefers
+# the longest text, the chosen candidate is the longest one.
+
+# %%
+bo = BestOfN(cfg, n=4).generate(eng, "Tell me a joke.", 25, seed=2)
+test_eq((bo.meta['per_candidate_budget'], len(bo.meta['candidates'])), (6, 4))
+test_eq(bo.tokens, sum(c['tokens'] for c in bo.meta['candidates']))
+test_eq(bo.tokens <= 25 and all(c['tokens'] <= 6 for c in bo.meta['candidates']), True)
+test_eq(bo.meta['chosen'], int(np.argmax([c['score'] for c in bo.meta['candidates']])))
+bl = BestOfN(cfg, scorer=lambda text, item: len(text), n=4).generate(eng, "Tell me a joke.", 25, seed=2)
+test_eq(len(bl.text), max(c['score'] for c in bl.meta['candidates']))
+test_eq(BestOfN(cfg, n=8).generate(eng, "Hi", 3).meta['per_candidate_budget'], 1)  # more candidates than tokens: 3 of 1
+[(c['score'], c['tokens']) for c in bo.meta['candidates']]
+
+# %% [markdown]
+# ### The threshold controller
+# The strongest training-free competitor: entropix-style hand rules on `engine.signals` at each decision.
+#
+# 1. **Inside a thought**, keep thinking until the thought has `thought_tokens` tokens, or until the model
+#    has settled (at least one chunk thought and next-token entropy below `settle_entropy`); then close it.
+# 2. **Resample** the last visible chunk when its mean token entropy is significantly above everything
+#    before it: z-score of the chunk mean (standard error of a mean) > `baselines.threshold_resample_zscore`,
+#    when legal and when a chunk of budget is left after it.
+# 3. **Open a thought** when the model is uncertain *among many options*: next-token entropy >
+#    `baselines.threshold_think_entropy` and varentropy > `baselines.threshold_varentropy`, at most
+#    `max_thoughts` per episode, never right after a thought, and only with room left for the thought and a chunk of answer.
+# 4. Otherwise **continue**; the engine ends the episode on EOS or when the budget is spent.
+
+# %%
+#| export
+class ThresholdController(Controller):
+    "Hand rules on entropy, varentropy and the chunk entropy z-score: think when unsure, resample surprising chunks."
+    name = 'threshold'
+    def __init__(self, cfg:Config|None=None, thought_tokens:Optional[int]=None, # longest thought; None = min(macro.max_thought_tokens, 2 chunks)
+                 max_thoughts:int=2, # thoughts per episode
+                 settle_entropy:Optional[float]=None): # close a thought early below this entropy; None = half the think threshold
+        super().__init__(cfg)
+        mc, b = self.cfg.macro, self.cfg.baselines
+        self.thought_tokens = min(mc.max_thought_tokens, 2 * mc.chunk_tokens) if thought_tokens is None else int(thought_tokens)
+        self.max_thoughts = int(max_thoughts)
+        self.settle_entropy = b.threshold_think_entropy / 2 if settle_entropy is None else float(settle_entropy)
+
+    def decide(self, engine:Engine, s:GenState) -> tuple:
+        "(action, why) from the signals of `s`."
+        g, m, mc, b = engine.signals(s), engine.legal_mask(s), engine.cfg.macro, self.cfg.baselines
+        if g['in_thought']:
+            if not m[Action.CONTINUE]: return Action.THINK_END, "no budget left inside the thought"
+            if g['thought_len'] >= self.thought_tokens: return Action.THINK_END, f"thought reached {g['thought_len']} tokens"
+            if g['thought_len'] >= mc.chunk_tokens and g['entropy'] < self.settle_entropy:
+                return Action.THINK_END, f"settled: entropy {g['entropy']:.2f} < {self.settle_entropy:.2f}"
+            return Action.CONTINUE, None
+        z = g['chunk_entropy_z']
+        if m[Action.RESAMPLE] and not g['chunk_hidden'] and z > b.threshold_resample_zscore and g['left'] > mc.chunk_tokens:
+            return Action.RESAMPLE, f"chunk entropy z {z:.2f} > {b.threshold_resample_zscore:.2f}"
+        if (m[Action.THINK_BEGIN] and g['n_thoughts'] < self.max_thoughts and g['last'] in ('prompt', 'chunk') and not g['chunk_hidden']
+                and g['entropy'] > b.threshold_think_entropy and g['varentropy'] > b.threshold_varentropy
+                and g['left'] >= self.thought_tokens + 2 + mc.chunk_tokens):
+            return Action.THINK_BEGIN, f"entropy {g['entropy']:.2f} > {b.threshold_think_entropy:.2f}, varentropy {g['varentropy']:.2f} > {b.threshold_varentropy:.2f}"
+        return Action.CONTINUE, None
+
+# %% [markdown]
+# On the tiny random model every next-token distribution is near uniform (entropy ~ log V), so with the
+# varentropy threshold at 0 the controller thinks as soon as it may; the trace says why.
+
+# %%
+ct = load_config(overrides=['macro.chunk_tokens=4', 'baselines.threshold_varentropy=0', 'features.drift_embedder=slm'])
+th = ThresholdController(ct)
+rt = th.generate(eng, "Why is the sky blue?", 30, seed=0)
+test_eq(rt.meta['thoughts'] >= 1 and rt.tokens <= 30, True)
+test_eq(rt.macro_trace[0]['action'], 'THINK_BEGIN')
+test_eq('varentropy' in rt.macro_trace[0]['why'], True)
+[(e['action'], e['tokens'], e.get('why')) for e in rt.macro_trace]
+
+# %% [markdown]
+# ## Factories
+# `BASELINES` maps the names `rc generate --controller` and the evaluation accept to the classes;
+# `make_controller(name, cfg, **kw)` builds one, `get_engine(cfg)` returns a cached `Engine` over
+# `load_slm(cfg)` (one per distinct configuration, the model itself is cached by `load_slm`), and
+# `generate_text` is the one-call entry point `rc generate` uses.
+
+# %%
+#| export
+BASELINES = {'greedy': GreedyBaseline, 'sampling': SamplingBaseline, 'best_of_n': BestOfN, 'threshold': ThresholdController}
+
+def make_controller(name:str, cfg:Config|None=None, **kw) -> Controller:
+    "The training-free controller called `name` (a key of `BASELINES`), built with `cfg` and keyword options."
+    if name not in BASELINES:
+        raise ValueError(f"unknown controller {name!r}; training-free controllers are {sorted(BASELINES)} "
+                         f"(trained versions are resolved by promotion.resolve_controller).")
+    return BASELINES[name](cfg, **kw)
+
+_ENGINES: dict = {}
+
+def get_engine(cfg:Config|None=None) -> Engine:
+    "A cached `Engine` over `load_slm(cfg)`, one per configuration hash."
+    from research_controller.slm import load_slm
+    cfg = cfg or load_config()
+    key = config_hash(cfg)
+    if key not in _ENGINES:
+        model, tok = load_slm(cfg)
+        while len(_ENGINES) >= 4: _ENGINES.pop(next(iter(_ENGINES)))
+        _ENGINES[key] = Engine(model, tok, cfg)
+    return _ENGINES[key]
+
+def generate_text(cfg:Config|None, prompt:str, controller:str='threshold', # a key of `BASELINES`
+                  max_new_tokens:Optional[int]=None, # total budget; None = macro.max_new_tokens
+                  seed:int=0, include_thoughts:bool=False) -> GenerationResult:
+    "Generate `prompt` on the configured SLM with a training-free controller (what `rc generate` calls)."
+    cfg = cfg or load_config()
+    ctl = make_controller(controller, cfg)
+    return ctl.generate(get_engine(cfg), prompt, max_new_tokens, seed=seed, include_thoughts=include_thoughts)
+
+# %%
+test_eq(sorted(BASELINES), ['best_of_n', 'greedy', 'sampling', 'threshold'])
+test_fail(lambda: make_controller('beam', cfg), contains="unknown controller 'beam'")
+test_eq(make_controller('best_of_n', cfg, n=2).n, 2)
+make_controller('threshold', cfg)
+
+# %% [markdown]
+# ## Checks
+# ### Every controller keeps to the total budget
+# Over budgets from 1 token up, with thoughts and resamples forced on (thresholds at 0), the tokens a
+# controller reports are exactly the tokens the engine forwarded for it, and never more than the budget.
+# (These checks use the SLM's pooled states for drift, `features.drift_embedder=slm`, to stay fast.)
+
+# %%
+cz = load_config(overrides=['macro.chunk_tokens=4', 'macro.max_thought_tokens=6', 'baselines.threshold_varentropy=0', 'features.drift_embedder=slm',
+                            'baselines.threshold_think_entropy=0', 'baselines.threshold_resample_zscore=0'])
+ez = Engine(tm, tt, cz)
+rows = []
+for name in BASELINES:
+    c = make_controller(name, cz)
+    for budget in (1, 5, 30):
+        f0 = ez.counters['forwarded']
+        r = c.generate(ez, "Count to ten.", budget, seed=budget)
+        test_eq(r.tokens <= budget, True)
+        test_eq(r.tokens, ez.counters['forwarded'] - f0)
+        rows.append((name, budget, r.tokens, r.meta['resamples'], r.meta['thoughts']))
+test_eq(any(x[3] for x in rows if x[0] == 'threshold') and any(x[4] for x in rows if x[0] == 'threshold'), True)
+rows[-3:]
+
+# %% [markdown]
+# ### Reproducibility
+# Same seed, configuration and model fingerprint give the identical trace and text; another seed gives a
+# different sample.
+
+# %%
+def same(a, b): return (a.text, a.macro_trace, a.tokens, a.meta) == (b.text, b.macro_trace, b.tokens, b.meta)
+for name in BASELINES:
+    c = make_controller(name, cz)
+    test_eq(same(c.generate(ez, "Tell me a story.", 20, seed=7), c.generate(ez, "Tell me a story.", 20, seed=7)), True)
+sp = SamplingBaseline(cz)
+test_eq(sp.generate(ez, "Tell me a story.", 20, seed=7).text != sp.generate(ez, "Tell me a story.", 20, seed=8).text, True)
+sp.generate(ez, "Tell me a story.", 20, seed=7).meta
+
+# %% [markdown]
+# ### Thoughts stay hidden
+# While a controller that thinks runs, the `research_controller.engine` logger is captured at DEBUG: the
+# thought text and the thought token strings appear neither in the log nor in the result, unless
+# `include_thoughts=True` asks for them (then they come back in `thought_text` and in the trace only).
+
+# %%
+buf = io.StringIO()
+h = logging.StreamHandler(buf); h.setLevel(logging.DEBUG)
+log.addHandler(h); old_level = log.level; log.setLevel(logging.DEBUG)
+try: rh = ThresholdController(cz).generate(ez, "Why is the sky blue?", 30, seed=3)
+finally: log.removeHandler(h); log.setLevel(old_level)
+rs = ThresholdController(cz).generate(ez, "Why is the sky blue?", 30, seed=3, include_thoughts=True)
+test_eq((rh.text, rh.tokens), (rs.text, rs.tokens))
+secret = rs.thought_text.strip()
+test_eq(rh.meta['thoughts'] >= 1 and len(secret) > 0, True)
+out = buf.getvalue() + json.dumps(rh.to_dict())
+test_eq(len(buf.getvalue().splitlines()) >= len(rh.macro_trace), True)  # the log did record every decision
+for piece in [secret, *[ln for ln in secret.split('\n') if len(ln.strip()) > 3], tt.convert_ids_to_tokens(tt.thought_open_id),
+              tt.convert_ids_to_tokens(tt.thought_close_id)]:
+    test_eq(piece in out, False)
+test_eq(('[thought redacted]' in json.dumps(rh.macro_trace), '[thought redacted]' in json.dumps(rs.macro_trace)), (True, False))
+buf.getvalue().splitlines()[:3]
+
+# %% [markdown]
+# ## On the real SLM
+# SmolLM2-135M-Instruct in bf16 (`load_slm(load_config())`). Greedy CONTINUE through the engine gives the
+# same tokens as `model.generate` greedy on the same prompt for the first chunks (both bf16; after a few
+# dozen tokens bf16 kernels may round differently, see `PERF_NOTES.md`, so only 16 tokens are compared).
+
+# %%
+creal = load_config()
+model, tok = load_slm(creal)
+er = Engine(model, tok, creal)
+q = "What is the capital of France?"
+ids = torch.tensor([encode_prompt(tok, q, creal)])
+with torch.inference_mode():
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+sg = er.new_state(q, 16, temperature=0.0)
+while not er.is_done(sg): er.step(sg, Action.CONTINUE)
+n = min(len(ref), len(sg.tip.gen_ids()))
+test_eq(n >= 8, True)
+test_eq(sg.tip.gen_ids()[:n], ref[:n])
+gr = GreedyBaseline(creal).generate(er, q, 16)
+test_eq(gr.text, tok.decode(ref, skip_special_tokens=True))
+gr.text
+
+# %% [markdown]
+# The threshold controller on a real question, its trace as a table (what it did, why, and what it saw):
+
+# %%
+import pandas as pd
+rq = ThresholdController(creal).generate(er, "If a train travels 60 km in 1.5 hours, what is its average speed?", 48, seed=0)
+test_eq(rq.tokens <= 48 and rq.meta['slm_fingerprint'] == model_fingerprint(model), True)
+test_eq('[thought redacted]' in rq.text, False)
+print(rq.text)
+pd.DataFrame([dict(step=e['step'], action=e['action'], tokens=e['tokens'], spent=e['spent'], chunk=e['chunk'],
+                   entropy=e['features']['entropy'], entropy_z=e['features']['entropy_z'], why=e.get('why', ''))
+              for e in rq.macro_trace])
