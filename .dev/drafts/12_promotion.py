@@ -558,7 +558,7 @@ v2 = reg.register(fake_ckpt(2), {**META, 'training_data_ids': ['traj-001', 'traj
 test_eq((v1, v2, reg.versions(), reg.active()), ('v0001', 'v0002', ['v0001', 'v0002'], None))
 test_eq(reg.meta(v2)['parent_version'], None)
 test_eq(reg.meta(v1)['checkpoint']['sha256'], sha256_file(fake_ckpt(1)))
-test_eq(reg.meta(v1)['config']['mcts']['n_sims'], 16)
+test_eq(reg.meta(v1)['config']['mcts']['n_sims'], load_config().mcts.n_sims)
 reg.promote(v1, who='alice', why='bootstrap: first controller')
 reg.promote(v2, who='coordinator', why='cycle 1: reward +0.150, p=0.001', decision=dec.to_dict())
 v3 = reg.register(fake_ckpt(3), META)

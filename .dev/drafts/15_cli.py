@@ -132,13 +132,13 @@ def run_generate(cfg:Config, prompt:str, controller:str|None=None, max_new_token
                  include_thoughts:bool=False):
     "Generate `prompt` with the controller named by `controller` (a baseline, 'vN', 'active' or None)."
     from research_controller import engine as E
-    from research_controller.promotion import resolve_controller, RegistryError
+    from research_controller.promotion import resolve_controller
     spec = _controller_spec(controller)
     budget = max_new_tokens or cfg.macro.max_new_tokens
     if spec in E.BASELINES:
         return E.generate_text(cfg, prompt, controller=spec, max_new_tokens=budget, seed=seed, include_thoughts=include_thoughts)
     try: ctl = resolve_controller(cfg, spec)  # the active version (threshold while none), or 'vN'
-    except (ValueError, KeyError, RegistryError) as e: raise CLIError(f"--controller {spec!r}: {e}") from None
+    except ValueError as e: raise CLIError(f"--controller {spec!r}: {e}") from None
     return ctl.generate(E.get_engine(cfg), prompt, budget, seed=seed, include_thoughts=include_thoughts)
 
 def _generate_args(p):

@@ -58,6 +58,32 @@
 # copy with `--config FILE`, or override single keys: `rc generate "..." --set mcts.n_sims=32`.
 # A bad value is an error that names the key, the value, the allowed range and the fix.
 #
+# ## Using it
+#
+# ```bash
+# rc generate "Why is the sky blue?" --controller threshold     # answer + macro trace (greedy|sampling|best_of_n|threshold|active|vN)
+# rc generate "..." --json                                      # GenerationResult as JSON; thoughts only with --show-thoughts
+# rc build-lm                                                   # (re)build the KenLM fluency model into assets/kenlm/
+# rc selfplay && rc train                                       # fill the replay buffer, train a challenger network
+# rc evaluate --compare                                         # every controller and baseline at equal budget, Markdown + PNG
+# rc cycle                                                      # self-play -> train -> evaluate -> gated promotion (main job)
+# rc status; rc versions; rc rollback v0001 --why "..."        # registry and audit trail
+# rc serve                                                      # POST /generate, POST /generate/stream, GET /health, GET /versions
+# rc report                                                     # Markdown + LaTeX tables and figures from the stored runs
+# ```
+#
+# From Python: `from research_controller.engine import generate_text`; `generate_text(load_config(), "prompt")`.
+# Over HTTP: `curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"prompt": "Hi", "max_new_tokens": 32, "include_trace": true}'`.
+# The tutorial notebook (`nbs/tutorial.ipynb`) walks through all of it.
+#
+# ## Modules (one notebook each)
+# `00_config` typed frozen config · `01_slm` loading, GGUF conversion cache, thought tokens, quantisation ·
+# `02_features` state vector · `03_macro_actions` actions and legality · `04_engine` segmented KV cache, forks,
+# batched steps, baselines and the threshold controller · `05_mcts` PUCT search · `06_buffer` memory-mapped replay
+# buffer · `07_network` policy/value net (MLP or recursive body) · `08_rewards` KenLM, G-Eval judge, task scores,
+# penalties · `09_selfplay` · `10_train` · `11_evaluate` suites and paired statistics · `12_promotion` gate,
+# registry, online-learning cycle · `13_serve` FastAPI · `14_report` tables, figures, tree explorer · `15_cli` `rc`.
+#
 # ## Layout
 # `nbs/` notebooks (source) · `research_controller/` generated package · `configs/` · `data/` · `assets/` ·
 # `benchmarks/` side-by-side performance scripts · `scripts/` install/test/main · `.ci/run` · `.github/workflows/`
