@@ -112,7 +112,7 @@ class BaselinesConfig:
 @dataclass(frozen=True)
 class MCTSConfig:
     "PUCT search over macro-actions (AlphaZero style)."
-    n_sims: int = setting(8, "simulations per decision (main job on 2 CPU cores: 8; more sims = better targets, slower self-play)", unit='simulations', lo=1, hi=100000)
+    n_sims: int = setting(16, "simulations per decision (more = better policy targets, slower self-play)", unit='simulations', lo=1, hi=100000)
     c_puct: float = setting(1.5, "exploration constant of PUCT", lo=0.0, hi=100.0)
     dirichlet_alpha: float = setting(0.3, "Dirichlet noise concentration at the root (self-play only)", lo=1e-3, hi=100.0)
     dirichlet_frac: float = setting(0.25, "weight of the Dirichlet noise in the root prior (self-play only)", lo=0.0, hi=1.0)
@@ -213,7 +213,7 @@ class TasksConfig:
 @dataclass(frozen=True)
 class SelfPlayConfig:
     "Self-play episodes that fill the replay buffer."
-    episodes: int = setting(4, "episodes per self-play run", unit='episodes', lo=1, hi=10**8)
+    episodes: int = setting(12, "episodes per self-play run", unit='episodes', lo=1, hi=10**8)
     max_new_tokens: int = setting(48, "token budget of one self-play episode", unit='tokens', lo=1, hi=32768)
     tasks: list = setting(['wikitext', 'squad', 'gsm8k', 'nq_open'], "prompt sources mixed round-robin")
     workers: int = setting(1, "parallel self-play processes", unit='processes', lo=1, hi=1024)
@@ -248,7 +248,7 @@ class PromotionConfig:
     max_latency_increase: float = setting(0.5, "largest allowed relative rise in mean latency (0.5 = +50%)", lo=0.0, hi=100.0)
     min_tasks: int = setting(8, "fewest benchmark items a decision may rest on", unit='items', lo=1, hi=10**7)
     registry_dir: str = setting('registry', "controller registry (relative paths live under paths.runs_dir)")
-    min_new_trajectories: int = setting(4, "a cycle is skipped unless this many new trajectories arrived", unit='trajectories', lo=1, hi=10**8)
+    min_new_trajectories: int = setting(8, "a cycle is skipped unless this many new trajectories arrived", unit='trajectories', lo=1, hi=10**8)
     reports_dir: str = setting('reports', "one JSON report per cycle (relative paths live under paths.runs_dir)")
     lock_timeout_s: float = setting(60.0, "how long a registry or report write waits for the lock held by another process", unit='s', lo=0.1, hi=86400.0)
 
