@@ -84,6 +84,45 @@
 # penalties · `09_selfplay` · `10_train` · `11_evaluate` suites and paired statistics · `12_promotion` gate,
 # registry, online-learning cycle · `13_serve` FastAPI · `14_report` tables, figures, tree explorer · `15_cli` `rc`.
 #
+# ## Measured here (2 CPU cores, SmolLM2-135M-Instruct bf16, 2026-11-23)
+# `rc cycle` on the defaults (12 self-play episodes with 16 MCTS simulations per decision, 200 training steps,
+# a 32-item benchmark at 64 tokens per item for champion and challenger) finishes in **140 s**:
+#
+# | | |
+# |---|---|
+# | champion (first cycle: the threshold controller) → challenger reward | 1.2025 → 0.5353 |
+# | Δ reward [95% paired bootstrap CI] | −0.667 [−0.988, −0.357], Wilcoxon p (Holm) 0.0007, n = 32 |
+# | decision | **rejected**: the active controller stays unchanged |
+#
+# One cycle's 43 self-play positions are not enough for the learned policy to beat the hand-set threshold
+# controller, and the gate says so; more cycles (or `selfplay.episodes`) feed it more data.
+#
+# Every controller and baseline on the same 32-item default suite (8 each of SQuAD, GSM8K, NQ-Open, WikiText
+# continuation; eval split only) at an equal budget of 64 tokens per item, made by
+# `rc evaluate --compare --controller greedy --controller sampling --controller best_of_n --controller threshold --controller v0001`
+# (`acc` = GSM8K, `em`/`f1` = SQuAD and NQ-Open; Δ and p are paired against greedy, Holm-corrected;
+# plots in `benchmarks/results/compare/`):
+#
+# | controller | n | reward [95% CI] | acc [95% CI] | em [95% CI] | f1 [95% CI] | tokens | latency ms | errors | Δ reward vs greedy [95% CI] | p (holm) |
+# |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+# | greedy | 32 | 1.320 [1.139, 1.509] | 0.125 [0.000, 0.375] | 0.000 [0.000, 0.000] | 0.208 [0.073, 0.343] | 43.3 | 1165 | 0% | — | — |
+# | sampling | 32 | 1.206 [1.050, 1.361] | 0.000 [0.000, 0.000] | 0.000 [0.000, 0.000] | 0.196 [0.070, 0.357] | 40.6 | 1183 | 0% | -0.114 [-0.305, +0.059] | 1 |
+# | best_of_n | 32 | 1.228 [1.073, 1.384] | 0.000 [0.000, 0.000] | 0.000 [0.000, 0.000] | 0.303 [0.150, 0.469] | 61.1 | 591 | 0% | -0.092 [-0.270, +0.070] | 1 |
+# | threshold | 32 | 1.203 [0.970, 1.414] | 0.000 [0.000, 0.000] | 0.000 [0.000, 0.000] | 0.213 [0.056, 0.405] | 33.0 | 1051 | 0% | -0.117 [-0.353, +0.114] | 1 |
+# | policy@v0001 | 32 | 0.535 [0.227, 0.843] | 0.000 [0.000, 0.000] | 0.000 [0.000, 0.000] | 0.000 [0.000, 0.000] | 8.7 | 360 | 0% | -0.785 [-1.117, -0.435] | 0.008 * |
+#
+# Plain greedy decoding is the strongest so far, and nothing beats it significantly; the first learned
+# challenger (v0001) is significantly worse and was rightly not promoted.
+#
+# `python benchmarks/engine_overhead.py --reps 3 --tokens 64` (targets from the engine issue, all met):
+# controlled CONTINUE-only decoding 45.4 tok/s vs `model.generate` 45.3 tok/s (**1.00x**, identical tokens);
+# tokens forwarded / tokens needed on a RESAMPLE-heavy run **1.000** (the prefix is never recomputed);
+# `fork()` of a 512-token state 2.6 µs vs 27.8 ms per decode step (**0.01%**);
+# batched stepping of 8 states 291.7 vs 45.1 tok/s sequential (**6.5x**).
+#
+# Other benchmark scripts and their latest outputs: `benchmarks/mcts_throughput.py`, `benchmarks/reward_cost.py`,
+# `benchmarks/serve_load.py` (`benchmarks/results/*.json`).
+#
 # ## Layout
 # `nbs/` notebooks (source) · `research_controller/` generated package · `configs/` · `data/` · `assets/` ·
 # `benchmarks/` side-by-side performance scripts · `scripts/` install/test/main · `.ci/run` · `.github/workflows/`
