@@ -362,9 +362,17 @@ def _setup_logging(level:str):
     def undo(): lg.removeHandler(h); lg.setLevel(old)
     return undo
 
+def _quiet_imports():
+    "Import what prints on import (transformers' W&B notice under WANDB_MODE=offline) with that print discarded."
+    if os.environ.get('WANDB_MODE') != 'offline': return
+    with contextlib.redirect_stdout(io.StringIO()):
+        try: import transformers.integrations.integration_utils  # noqa: F401
+        except Exception: pass
+
 def main(argv:Sequence[str]|None=None) -> int:
     "Run the `rc` command line with `argv` (default `sys.argv[1:]`); returns the exit code."
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_imports()  # keep stdout clean for `--json`
     parser = build_parser()
     name = 'rc'
     try:
