@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import copy, dataclasses, difflib, hashlib, json, os, types, typing
+import contextlib, copy, dataclasses, difflib, hashlib, json, os, tempfile, types, typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -551,3 +551,36 @@ test_eq(replace_config(cfg, ['mcts.n_sims=5']).mcts.n_sims, 5)
 test_eq(cfg.mcts.n_sims, 32)
 config_hash(Config())
 
+# %% [markdown]
+# ## Files
+# Every module writes its files through `atomic_write_text` (temp file in the same directory, fsync,
+# `os.replace`), so a reader never sees half a file, and fingerprints files with `sha256_file`.
+
+# %%
+#| export
+def atomic_write_text(path:str|Path, # file to (over)write
+                      text:str) -> Path:
+    "Write `text` to `path` atomically (temp file in the same directory, fsync, `os.replace`)."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            f.write(text); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        raise
+    return path
+
+def sha256_file(path:str|Path) -> str:
+    "sha256 of a file's bytes."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
+    return h.hexdigest()
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    p = atomic_write_text(Path(d)/'sub'/'a.txt', 'hello\n')
+    test_eq((p.read_text(), sorted(x.name for x in p.parent.iterdir())), ('hello\n', ['a.txt']))  # no temp file left
+    test_eq(sha256_file(p), hashlib.sha256(b'hello\n').hexdigest())

@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 from fastcore.basics import patch
 from platformdirs import user_cache_dir
-from research_controller.config import Config, ConfigError, load_config, data_path, run_path, project_root, replace_config
+from research_controller.config import (Config, ConfigError, atomic_write_text, data_path, load_config, project_root,
+                                        replace_config, run_path, sha256_file)
 
 # %%
 #| hide
@@ -468,16 +469,6 @@ def asset_path(p:str|Path) -> Path:
     root = project_root()
     return (root/p) if root else p
 
-def _sha256_file(p:Path) -> str:
-    h = hashlib.sha256()
-    with open(p, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
-    return h.hexdigest()
-
-def _atomic_write(p:Path, text:str):
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp"); tmp.write_text(text); os.replace(tmp, p)
-
 # %%
 #| export
 def build_lm(cfg:Config, # the config: `rewards.kenlm_path`, `kenlm_order`, `kenlm_memory`
@@ -498,7 +489,7 @@ def build_lm(cfg:Config, # the config: `rewards.kenlm_path`, `kenlm_order`, `ken
                tokenizer_version=LM_TOKENIZER_VERSION, quantization='build_binary -q 8 -b 8 trie')
     if not force and out.exists() and side.exists():
         old = json.loads(side.read_text())
-        if all(old.get(k) == v for k, v in key.items()) and old.get('binary_sha256') == _sha256_file(out):
+        if all(old.get(k) == v for k, v in key.items()) and old.get('binary_sha256') == sha256_file(out):
             if verbose: print(f"build-lm: {out} is up to date (corpus sha256 {key['corpus_sha256'][:12]}...)")
             return out
     tools = kenlm_tools(cfg, build=build_tools, verbose=verbose)
@@ -517,7 +508,7 @@ def build_lm(cfg:Config, # the config: `rewards.kenlm_path`, `kenlm_order`, `ken
         _run(bb, 'build_binary'); t2 = time.time()
         os.replace(binp, out); pbar.update(1); pbar.close()
     rel = lambda c: str(c).replace(str(tmp), '$TMP').replace(str(Path(tools['lmplz']).parent), '$KENLM_BIN')
-    meta = dict(**key, binary_sha256=_sha256_file(out), binary_bytes=out.stat().st_size,
+    meta = dict(**key, binary_sha256=sha256_file(out), binary_bytes=out.stat().st_size,
                 corpus_lines=corpus.count('\n'), corpus_tokens=len(corpus.split()), corpus_bytes=len(corpus.encode()),
                 corpus_sources=('default: lm_corpus(cfg) = train-split WikiText-2 raw articles (valid+test files), '
                                 'train-split SQuAD contexts, GSM8K train questions+solutions' if lines is None else 'custom lines'),
@@ -525,7 +516,7 @@ def build_lm(cfg:Config, # the config: `rewards.kenlm_path`, `kenlm_order`, `ken
                 commands=[' '.join(map(rel, lmplz)) + ' < $TMP/corpus.txt > $TMP/model.arpa', ' '.join(map(rel, bb)),
                           f'mv $TMP/model.bin {out.name}'],
                 seconds=dict(lmplz=round(t1 - t0, 2), build_binary=round(t2 - t1, 2)))
-    _atomic_write(side, json.dumps(meta, indent=1) + '\n')
+    atomic_write_text(side, json.dumps(meta, indent=1) + '\n')
     if verbose: print(f"build-lm: wrote {out} ({meta['binary_bytes']:,} bytes, {meta['corpus_tokens']:,} corpus tokens)")
     return out
 

@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 from fastcore.basics import patch_to
 from tqdm.auto import tqdm
-from research_controller.config import Config, EvaluateConfig, config_hash, data_path, load_config, run_path
+from research_controller.config import (Config, EvaluateConfig, atomic_write_text, config_hash, data_path, load_config,
+                                        run_path, sha256_file)
 
 # %%
 #| hide
@@ -27,25 +28,11 @@ from types import SimpleNamespace
 
 # %% [markdown]
 # ## Small helpers
-# Every file this module writes goes through `atomic_write_text`: the text lands in a temp file in the
+# Every file this module writes goes through `config.atomic_write_text`: the text lands in a temp file in the
 # same directory, is flushed to disk, then `os.replace`d over the target, so a reader never sees half a file.
 
 # %%
 #| export
-def atomic_write_text(path:str|Path, # file to (over)write
-                      text:str) -> Path:
-    "Write `text` to `path` atomically (temp file in the same directory, fsync, `os.replace`)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
-        raise
-    return path
-
 def _jsonable(o):
     "Replace NaN/inf floats by None so the JSON is strict."
     if isinstance(o, float) and not math.isfinite(o): return None
@@ -61,13 +48,6 @@ def atomic_write_json(path:str|Path, obj) -> Path:
 def sha256_json(obj) -> str:
     "sha256 of the canonical JSON of `obj` (sorted keys, no whitespace)."
     return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True, separators=(',', ':'), ensure_ascii=False).encode()).hexdigest()
-
-def sha256_file(path:str|Path) -> str:
-    "sha256 of a file's bytes."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
-    return h.hexdigest()
 
 # %%
 with tempfile.TemporaryDirectory() as d:
