@@ -541,13 +541,21 @@ def _add_handlers(app:FastAPI):
         return JSONResponse(status_code=422, content=dict(detail=describe_validation(exc.errors()), errors=jsonable(
             [dict(field='.'.join(str(x) for x in e.get('loc', ()) if x != 'body'), type=e.get('type'), msg=e.get('msg')) for e in exc.errors()])))
 
-    @app.middleware('http')
-    async def _body_limit(request:Request, call_next):
-        n = request.headers.get('content-length')
-        if request.method == 'POST' and n is not None and n.isdigit() and int(n) > app.state.max_body:
-            return JSONResponse(status_code=413, content=dict(detail=f"request body of {n} bytes is too large: prompt may have at most "
-                                f"{app.state.cfg.serve.max_prompt_chars} characters (serve.max_prompt_chars)."))
-        return await call_next(request)
+    app.add_middleware(_BodyLimit, state=app.state)
+
+class _BodyLimit:
+    "ASGI middleware: answer 413 to a POST whose Content-Length is far beyond the prompt limit, before its body is read."
+    # A plain ASGI wrapper, not `@app.middleware('http')`: Starlette's BaseHTTPMiddleware wraps `receive`, and
+    # behind it a route never sees the client disconnect (`request.is_disconnected()` stays False).
+    def __init__(self, app, state): self.app, self.state = app, state
+    async def __call__(self, scope, receive, send):
+        if scope['type'] == 'http' and scope['method'] == 'POST':
+            n = dict(scope['headers']).get(b'content-length', b'').decode('latin-1')
+            if n.isdigit() and int(n) > self.state.max_body:
+                r = JSONResponse(status_code=413, content=dict(detail=f"request body of {n} bytes is too large: prompt may have at most "
+                                 f"{self.state.cfg.serve.max_prompt_chars} characters (serve.max_prompt_chars)."))
+                return await r(scope, receive, send)
+        await self.app(scope, receive, send)
 
 # %% [markdown]
 # The generation job: resolve the controller first (so an unknown name is a 404 before any work), then run
@@ -606,22 +614,43 @@ def _error_status(e:Exception) -> tuple[int, str]:
 
 # %% [markdown]
 # The routes. `/generate` waits for the job at most until its deadline; on a timeout it cancels the job (a
-# queued job never starts, a running one stops at its next decision) and answers 504.
+# queued job never starts, a running one stops at its next decision) and answers 504. While it waits it asks
+# the server every `DISCONNECT_POLL_S` whether the client is still there: a client that hangs up (a closed
+# tab, a client-side timeout) stops its generation at the next decision instead of holding a worker until
+# the end, and the request is counted as `cancelled` and logged with status 499.
 
 # %%
 #| export
+DISCONNECT_POLL_S = 0.1  # how often a waiting `/generate` checks that its client is still connected
+
+class _ClientGone(Exception): "The client closed the connection before its answer was ready."
+
+async def _wait_or_gone(fut, deadline:float, request:Request):
+    "The result of `fut`; `asyncio.TimeoutError` after `deadline` (monotonic), `_ClientGone` if the client disconnects first."
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0: raise asyncio.TimeoutError
+        done, _ = await asyncio.wait({fut}, timeout=min(left, DISCONNECT_POLL_S))
+        if done: return fut.result()
+        if await request.is_disconnected(): raise _ClientGone
+
 def _add_routes(app:FastAPI):
     Req, cfg = app.state.request_model, app.state.cfg
 
     @app.post('/generate')
-    async def generate(req: Req) -> dict:
+    async def generate(req: Req, request: Request) -> dict:
         "Generate text with the requested controller."
         st = app.state.stats; st.add(requests=1)
         job = _Job(app, req)
         fut = asyncio.get_running_loop().run_in_executor(app.state.pool, job.run)
-        try: r = await asyncio.wait_for(fut, max(0.0, job.deadline - time.monotonic()))
+        try: r = await _wait_or_gone(fut, job.deadline, request)
+        except _ClientGone:
+            job.peng.why = 'client gone'; job.peng.cancel.set(); st.add(cancelled=1); job.log(499, note='client gone')
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieve the worker's `Cancelled`
+            return JSONResponse({'detail': 'client disconnected'}, status_code=499)  # nobody reads it
         except (asyncio.TimeoutError, Cancelled):
             job.peng.why = 'timeout'; job.peng.cancel.set(); st.add(timeouts=1); job.log(504)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise HTTPException(504, detail=f"generation took longer than serve.request_timeout_s={cfg.serve.request_timeout_s} s; "
                                             "ask for fewer max_new_tokens, retry later, or raise the timeout.") from None
         except Exception as e:
@@ -1012,6 +1041,43 @@ test_eq(srv_health['stats']['max_active'], 2)  # bounded by serve.max_concurrenc
 test_eq(srv_health['batching']['engine_calls'] < srv_health['batching']['request_steps'], True)  # steps of concurrent requests were merged
 test_eq((live[-1][0], live[-1][1]['text']), ('done', alone[1]['text']))
 test_eq(srv.thread.is_alive(), False)  # stopped
+
+# %% [markdown]
+# Clients that hang up. A slowed controller (250 ms per decision) needs 16 decisions, about 4 s, for 64
+# tokens. A `/generate` client that gives up after 0.5 s and a stream client that closes after its first
+# event must both stop their generations: the worker is free again within a decision or two (not after 4 s),
+# and each request is counted as `cancelled`, not as answered.
+
+# %%
+slow = ScriptedController(script=(), delay_s=0.25)
+gapp = create_app(cfg, engine=eng, resolver=StaticResolver({'scripted': slow}))
+long_req = dict(prompt="Tell me a long story.", max_new_tokens=64, seed=0)
+
+def until_idle(c, timeout_s=5.0):
+    "Seconds until the server runs no generation (None if it still does after `timeout_s`), and its counters."
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        stats = c.get('/health').json()['stats']
+        if stats['active'] == 0: return round(time.monotonic() - t0, 2), stats
+        time.sleep(0.05)
+    return None, stats
+
+with ServerThread(gapp) as srv, httpx.Client(base_url=srv.url) as c:
+    try: c.post('/generate', json=long_req, timeout=0.5); hung_up = False
+    except httpx.ReadTimeout: hung_up = True
+    idle_plain, stats_plain = until_idle(c); decisions_plain = slow.decisions
+    with c.stream('POST', '/generate/stream', json=long_req, timeout=5) as sr: first_line = next(sr.iter_lines())
+    idle_stream, stats_stream = until_idle(c); decisions_stream = slow.decisions - decisions_plain
+hung_up, (idle_plain, decisions_plain), (first_line, idle_stream, decisions_stream), stats_stream
+
+# %%
+test_eq(hung_up, True)
+test_eq(idle_plain is not None and idle_plain < 2.0, True)   # stopped, not run to its 4 s end
+test_eq(decisions_plain < 10, True)                          # of 16
+test_eq((stats_plain['cancelled'], stats_plain['ok'], stats_plain['active']), (1, 0, 0))
+test_eq(first_line, 'event: chunk')
+test_eq(idle_stream is not None and idle_stream < 2.0 and decisions_stream < 10, True)
+test_eq((stats_stream['cancelled'], stats_stream['ok'], stats_stream['active']), (2, 0, 0))
 
 # %% [markdown]
 # ## The real SLM, once
