@@ -497,7 +497,7 @@ def capture_logs(level=logging.DEBUG):
         root.removeHandler(h); root.setLevel(old[0][0])
         for lv, l in old[1:]: l.setLevel(lv)
 
-# %% ../nbs/13_serve.ipynb #4586d2db
+# %% ../nbs/13_serve.ipynb #67aff7ce
 def free_port(host:str='127.0.0.1') -> int:
     "A TCP port that is free on `host` right now."
     with socket.socket() as s: s.bind((host, 0)); return s.getsockname()[1]
@@ -529,9 +529,10 @@ def serve(cfg:Config|None=None, host:str|None=None, port:int|None=None):
     "Serve the configured SLM and the registry's controllers over HTTP until interrupted (blocking)."
     cfg = cfg or load_config()
     host, port = host or cfg.serve.host, port or cfg.serve.port
-    if not log.handlers and not logging.getLogger().handlers:  # show the per-request lines next to uvicorn's
+    if not log.hasHandlers():  # no handler here or above (`rc serve` has one on `research_controller`): add one
         h = logging.StreamHandler(); h.setFormatter(logging.Formatter('%(levelname)s:     %(name)s: %(message)s'))
-        log.addHandler(h); log.setLevel(logging.INFO)
+        log.addHandler(h)
+    if log.getEffectiveLevel() > logging.INFO: log.setLevel(logging.INFO)  # show the per-request lines next to uvicorn's, once
     app = create_app(cfg)
     log.info("serving SLM %s (fingerprint %s) on http://%s:%d, max_concurrency=%d", cfg.slm.source, app.state.engine.fingerprint,
              host, port, cfg.serve.max_concurrency)
