@@ -453,15 +453,15 @@ def node_html(self:TreeExplorer) -> str:
     return (f"<b>{html.escape(where)}</b>: N={t['N']}, value {_fmt(t['value'], '+.3f')}, tokens {t['tokens']}"
             f"{', terminal' if t['terminal'] else ''}<br>" + (_table_html(rows, ['action', 'N', 'Q', 'P', 'text']) if rows else '<i>leaf</i>'))
 
-# %% ../nbs/14_report.ipynb #1ad511ca
+# %% ../nbs/14_report.ipynb #6c6deb82
 @patch
 def _build(self:TreeExplorer):
     "Create the widgets and bind them to the explorer's methods."
     import ipywidgets as W
     self.trace_out, self.node_out = W.HTML(), W.HTML()
-    self.slider = W.IntSlider(value=self.step, min=0, max=max(len(self.trace) - 1, 0), description='decision', continuous_update=False)
+    self.slider = W.IntSlider(value=self.step + 1, min=1, max=max(len(self.trace), 1), description='decision', continuous_update=False)  # 1-based, as 'decision k/N'
     self.prev_btn, self.next_btn = W.Button(description='◀', layout=W.Layout(width='40px')), W.Button(description='▶', layout=W.Layout(width='40px'))
-    self.slider.observe(lambda ch: self.goto(ch['new']) if ch['new'] != self.step else None, names='value')
+    self.slider.observe(lambda ch: self.goto(ch['new'] - 1) if ch['new'] - 1 != self.step else None, names='value')
     self.prev_btn.on_click(lambda _: self.goto(self.step - 1)); self.next_btn.on_click(lambda _: self.goto(self.step + 1))
     self.up_btn, self.top_btn = W.Button(description='↑ parent'), W.Button(description='⌂ root')
     self.up_btn.on_click(lambda _: self.up()); self.top_btn.on_click(lambda _: self.top())
@@ -477,13 +477,18 @@ def _sync(self:TreeExplorer):
     "Bring the widgets in line with `path` and `step`."
     import ipywidgets as W
     self.trace_out.value, self.node_out.value = self.trace_html(), self.node_html()
-    if self.slider.value != self.step: self.slider.value = self.step
+    if self.slider.value != self.step + 1: self.slider.value = self.step + 1
     btns = []
     if self.tree is not None:
         for c in self.node['children']:
-            b = W.Button(description=f"{c['action']} (N={c['N']})", tooltip=c.get('text') or '')
-            b.on_click(lambda _, a=c['action']: self.select(a)); btns.append(b)
+            b = W.Button(description=f"{c['action']} (N={c['N']})", tooltip=c.get('text') or '', layout=W.Layout(width='auto'))  # full label
+            b.on_click(lambda _, at=tuple(self.path), a=c['action']: self._click_child(at, a)); btns.append(b)
     self.child_box.children = btns
+
+@patch
+def _click_child(self:TreeExplorer, at:tuple, action:str):
+    "A child button's click: go down, unless the button is stale (made for another node, clicked while the view was redrawn)."
+    if tuple(self.path) == at: self.select(action)
 
 @patch(as_prop=True)
 def widget(self:TreeExplorer):

@@ -702,9 +702,9 @@ def _build(self:TreeExplorer):
     "Create the widgets and bind them to the explorer's methods."
     import ipywidgets as W
     self.trace_out, self.node_out = W.HTML(), W.HTML()
-    self.slider = W.IntSlider(value=self.step, min=0, max=max(len(self.trace) - 1, 0), description='decision', continuous_update=False)
+    self.slider = W.IntSlider(value=self.step + 1, min=1, max=max(len(self.trace), 1), description='decision', continuous_update=False)  # 1-based, as 'decision k/N'
     self.prev_btn, self.next_btn = W.Button(description='◀', layout=W.Layout(width='40px')), W.Button(description='▶', layout=W.Layout(width='40px'))
-    self.slider.observe(lambda ch: self.goto(ch['new']) if ch['new'] != self.step else None, names='value')
+    self.slider.observe(lambda ch: self.goto(ch['new'] - 1) if ch['new'] - 1 != self.step else None, names='value')
     self.prev_btn.on_click(lambda _: self.goto(self.step - 1)); self.next_btn.on_click(lambda _: self.goto(self.step + 1))
     self.up_btn, self.top_btn = W.Button(description='↑ parent'), W.Button(description='⌂ root')
     self.up_btn.on_click(lambda _: self.up()); self.top_btn.on_click(lambda _: self.top())
@@ -720,13 +720,18 @@ def _sync(self:TreeExplorer):
     "Bring the widgets in line with `path` and `step`."
     import ipywidgets as W
     self.trace_out.value, self.node_out.value = self.trace_html(), self.node_html()
-    if self.slider.value != self.step: self.slider.value = self.step
+    if self.slider.value != self.step + 1: self.slider.value = self.step + 1
     btns = []
     if self.tree is not None:
         for c in self.node['children']:
-            b = W.Button(description=f"{c['action']} (N={c['N']})", tooltip=c.get('text') or '')
-            b.on_click(lambda _, a=c['action']: self.select(a)); btns.append(b)
+            b = W.Button(description=f"{c['action']} (N={c['N']})", tooltip=c.get('text') or '', layout=W.Layout(width='auto'))  # full label
+            b.on_click(lambda _, at=tuple(self.path), a=c['action']: self._click_child(at, a)); btns.append(b)
     self.child_box.children = btns
+
+@patch
+def _click_child(self:TreeExplorer, at:tuple, action:str):
+    "A child button's click: go down, unless the button is stale (made for another node, clicked while the view was redrawn)."
+    if tuple(self.path) == at: self.select(action)
 
 @patch(as_prop=True)
 def widget(self:TreeExplorer):
@@ -740,7 +745,8 @@ def _ipython_display_(self:TreeExplorer):
     display(self.widget)
 
 # %% [markdown]
-# Clicking in code, as a user would in the notebook:
+# Clicking in code, as a user would in the notebook (`benchmarks/widget_lab.py` does the same with real clicks in a live
+# JupyterLab, in headless Chromium):
 
 # %%
 ex = TreeExplorer(tree, demo_trace)
@@ -752,8 +758,11 @@ test_eq(ex.node['text'], ''.join(ex.path))
 ex.up_btn.click(); test_eq(len(ex.path), 1)
 ex.top_btn.click(); test_eq(ex.path, [])
 test_eq(len(ex.child_box.children), len(tree['children']))
-ex.next_btn.click(); ex.next_btn.click(); test_eq((ex.step, ex.slider.value), (2, 2))
-ex.slider.value = 5; test_eq(ex.step, 5)
+test_eq({b.layout.width for b in ex.child_box.children}, {'auto'})  # as wide as their labels: the default width cuts 'THINK_BEGIN (N=12)'
+stale = ex.child_box.children[0]; stale.click(); stale.click()  # the second click hits a button of the old view: ignored
+test_eq(len(ex.path), 1); ex.top()
+ex.next_btn.click(); ex.next_btn.click(); test_eq((ex.step, ex.slider.value), (2, 3))  # the slider counts from 1, as the pane does
+ex.slider.value = 6; test_eq(ex.step, 5)
 assert 'The capital of France is Paris.' in ex.trace_out.value and 'RESAMPLE' in ex.trace_out.value
 ex.prev_btn.click(); test_eq(ex.step, 4)
 ex
