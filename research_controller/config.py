@@ -79,7 +79,7 @@ class EngineConfig:
     compile: bool = setting(False, "torch.compile the decode step (about a minute per shape; never used by tests)")
     seed: int = setting(0, "default random seed for generation", lo=0, hi=2**32 - 1)
 
-# %% ../nbs/00_config.ipynb #cb8f1cf8
+# %% ../nbs/00_config.ipynb #fdeaa4ed
 @dataclass(frozen=True)
 class BaselinesConfig:
     "Training-free competitors, all run at equal token budget."
@@ -87,9 +87,11 @@ class BaselinesConfig:
     sampling_top_p: float = setting(0.95, "nucleus mass of the sampling baseline", lo=0.01, hi=1.0)
     best_of_n: int = setting(4, "candidates of best-of-N; each gets 1/N of the token budget", unit='candidates', lo=1, hi=256)
     best_of_n_scorer: str = setting('logprob', "how best-of-N picks: mean token log-prob, or the full reward", choices=['logprob', 'reward'])
-    threshold_think_entropy: float = setting(2.5, "threshold controller opens a thought when next-token entropy exceeds this", unit='nats', lo=0.0, hi=20.0)
-    threshold_resample_zscore: float = setting(2.0, "threshold controller resamples a chunk whose entropy z-score exceeds this", unit='std', lo=0.0, hi=20.0)
-    threshold_varentropy: float = setting(3.0, "threshold controller treats varentropy above this as 'uncertain among many'", unit='nats^2', lo=0.0, hi=100.0)
+    threshold_think_entropy: float = setting(3.0, "threshold controller opens a thought when next-token entropy exceeds this (the threshold_* defaults come from benchmarks/threshold_sweep.py)", unit='nats', lo=0.0, hi=20.0)
+    threshold_resample_zscore: float = setting(20.0, "threshold controller resamples a chunk whose entropy z-score exceeds this; 20 (the maximum) practically never does", unit='std', lo=0.0, hi=20.0)
+    threshold_varentropy: float = setting(4.0, "threshold controller treats varentropy above this as 'uncertain among many'", unit='nats^2', lo=0.0, hi=100.0)
+    threshold_max_thoughts: int = setting(2, "most thought spans the threshold controller opens per episode; 0 = it never thinks", unit='thoughts', lo=0, hi=10000)
+    threshold_min_visible_tokens: int = setting(8, "visible answer tokens the threshold controller writes before it may open a thought or resample a chunk (the first token's entropy is always high, and the chunk z-score needs history)", unit='tokens', lo=0, hi=32768)
 
 # %% ../nbs/00_config.ipynb #11d9c927
 @dataclass(frozen=True)

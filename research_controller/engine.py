@@ -633,18 +633,20 @@ class BestOfN(Controller):
                                   for sd, c, sc in zip(seeds, cands, scores)])
         return r
 
-# %% ../nbs/04_engine.ipynb #55919075
+# %% ../nbs/04_engine.ipynb #b0818782
 class ThresholdController(Controller):
     "Hand rules on entropy, varentropy and the chunk entropy z-score: think when unsure, resample surprising chunks."
     name = 'threshold'
     def __init__(self, cfg:Config|None=None, thought_tokens:Optional[int]=None, # longest thought; None = min(macro.max_thought_tokens, 2 chunks)
-                 max_thoughts:int=2, # thoughts per episode
-                 settle_entropy:Optional[float]=None): # close a thought early below this entropy; None = half the think threshold
+                 max_thoughts:Optional[int]=None, # thoughts per episode; None = `baselines.threshold_max_thoughts`
+                 settle_entropy:Optional[float]=None, # close a thought early below this entropy; None = half the think threshold
+                 min_visible:Optional[int]=None): # visible tokens before a thought or resampled chunk; None = `baselines.threshold_min_visible_tokens`
         super().__init__(cfg)
         mc, b = self.cfg.macro, self.cfg.baselines
         self.thought_tokens = min(mc.max_thought_tokens, 2 * mc.chunk_tokens) if thought_tokens is None else int(thought_tokens)
-        self.max_thoughts = int(max_thoughts)
+        self.max_thoughts = b.threshold_max_thoughts if max_thoughts is None else int(max_thoughts)
         self.settle_entropy = b.threshold_think_entropy / 2 if settle_entropy is None else float(settle_entropy)
+        self.min_visible = b.threshold_min_visible_tokens if min_visible is None else int(min_visible)
 
     def decide(self, engine:Engine, s:GenState) -> tuple:
         "(action, why) from the signals of `s`."
@@ -656,11 +658,12 @@ class ThresholdController(Controller):
                 return Action.THINK_END, f"settled: entropy {g['entropy']:.2f} < {self.settle_entropy:.2f}"
             return Action.CONTINUE, None
         z = g['chunk_entropy_z']
-        if m[Action.RESAMPLE] and not g['chunk_hidden'] and z > b.threshold_resample_zscore and g['left'] > mc.chunk_tokens:
+        if (m[Action.RESAMPLE] and not g['chunk_hidden'] and z > b.threshold_resample_zscore and g['left'] > mc.chunk_tokens
+                and len(engine.visible_ids(s.tip.parent)) >= self.min_visible):
             return Action.RESAMPLE, f"chunk entropy z {z:.2f} > {b.threshold_resample_zscore:.2f}"
         if (m[Action.THINK_BEGIN] and g['n_thoughts'] < self.max_thoughts and g['last'] in ('prompt', 'chunk') and not g['chunk_hidden']
                 and g['entropy'] > b.threshold_think_entropy and g['varentropy'] > b.threshold_varentropy
-                and g['left'] >= self.thought_tokens + 2 + mc.chunk_tokens):
+                and g['left'] >= self.thought_tokens + 2 + mc.chunk_tokens and len(engine.visible_ids(s.tip)) >= self.min_visible):
             return Action.THINK_BEGIN, f"entropy {g['entropy']:.2f} > {b.threshold_think_entropy:.2f}, varentropy {g['varentropy']:.2f} > {b.threshold_varentropy:.2f}"
         return Action.CONTINUE, None
 

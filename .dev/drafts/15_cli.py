@@ -508,7 +508,7 @@ test_eq(len(res['macro_trace']), len(lines) - head - 1)
 # threshold thinks, and neither what it thought nor the thought tokens may appear anywhere on stderr.
 
 # %%
-think = ['generate', 'Explain why the sky is blue.', '--controller', 'threshold', '--max-new-tokens', '28', '--set',
+think = ['generate', 'Explain why the sky is blue.', '--controller', 'threshold', '--max-new-tokens', '40', '--set',
          'baselines.threshold_think_entropy=0.5', '--set', 'baselines.threshold_varentropy=0', '--json', '--show-thoughts', '--log-level', 'debug']
 code, js, err = run_main(think)
 test_eq(code, 0)

@@ -65,12 +65,13 @@ print(out)
 # Hidden thoughts stay hidden: the trace shows `[thought redacted]` where the threshold controller thought,
 # and the logs never contain thought text. `--show-thoughts` prints them on purpose; `--json` gives the
 # whole `GenerationResult` (text, trace with per-decision features, tokens, latency, metadata) for scripts.
-# Here the entropy and varentropy thresholds are lowered so that the controller does think (it thinks only when
-# the budget leaves room for a thought and an answer chunk after it):
+# Here the entropy and varentropy thresholds are lowered so that the controller does think (it thinks only after
+# a first visible chunk, `baselines.threshold_min_visible_tokens`, and when the budget leaves room for a thought
+# and an answer chunk after it):
 
 # %%
 think = ['--controller', 'threshold', '--set', 'baselines.threshold_think_entropy=0.5', '--set', 'baselines.threshold_varentropy=0',
-         '--max-new-tokens', '28', *common]
+         '--max-new-tokens', '40', *common]
 code, out, err = run_main(['generate', 'Explain why the sky is blue.', '--json', *think])
 res = json.loads(out)
 [(s['action'], s['tokens']) for s in res['macro_trace']], res['tokens']
