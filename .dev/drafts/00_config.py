@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib, copy, dataclasses, difflib, hashlib, json, os, tempfile, types, typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 import yaml
 
 # %%
@@ -555,24 +555,34 @@ config_hash(Config())
 
 # %% [markdown]
 # ## Files
-# Every module writes its files through `atomic_write_text` (temp file in the same directory, fsync,
-# `os.replace`), so a reader never sees half a file, and fingerprints files with `sha256_file`.
+# Every module writes its files through `atomic_write` (a temp file in the same directory filled by a callback,
+# such as `torch.save` or `fig.savefig`, then fsync and `os.replace`) or its forms `atomic_write_text` and
+# `atomic_write_bytes`, so a reader never sees half a file and a failed write leaves the old file and no
+# temp file behind; files are fingerprinted with `sha256_file`.
 
 # %%
 #| export
-def atomic_write_text(path:str|Path, # file to (over)write
-                      text:str) -> Path:
-    "Write `text` to `path` atomically (temp file in the same directory, fsync, `os.replace`)."
+def atomic_write(path:str|Path, # file to (over)write
+                 write:Callable[[Path], Any]) -> Path: # fills the temp file it is given (`torch.save`, `fig.savefig`, ...)
+    "Write `path` atomically: `write(tmp)` fills a temp file in the same directory, which is fsynced, then renamed over `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
     try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text); f.flush(); os.fsync(f.fileno())
+        write(Path(tmp))
+        with open(tmp, 'rb') as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
     return path
+
+def atomic_write_text(path:str|Path, text:str) -> Path:
+    "Write `text` (UTF-8) to `path` atomically."
+    return atomic_write(path, lambda p: p.write_text(text, encoding='utf-8'))
+
+def atomic_write_bytes(path:str|Path, data:bytes) -> Path:
+    "Write `data` to `path` atomically."
+    return atomic_write(path, lambda p: p.write_bytes(data))
 
 def sha256_file(path:str|Path) -> str:
     "sha256 of a file's bytes."
@@ -586,3 +596,7 @@ with tempfile.TemporaryDirectory() as d:
     p = atomic_write_text(Path(d)/'sub'/'a.txt', 'hello\n')
     test_eq((p.read_text(), sorted(x.name for x in p.parent.iterdir())), ('hello\n', ['a.txt']))  # no temp file left
     test_eq(sha256_file(p), hashlib.sha256(b'hello\n').hexdigest())
+    atomic_write_bytes(p, b'\x00\x01'); test_eq(p.read_bytes(), b'\x00\x01')
+    def half_written(t): t.write_bytes(b'partial'); raise OSError("disk full")
+    test_fail(lambda: atomic_write(p, half_written), contains='disk full')
+    test_eq((p.read_bytes(), sorted(x.name for x in p.parent.iterdir())), (b'\x00\x01', ['a.txt']))  # old content kept, temp file removed

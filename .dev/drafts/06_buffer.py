@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 from fastcore.basics import patch
-from research_controller.config import Config, run_path
+from research_controller.config import Config, atomic_write_bytes, atomic_write_text, run_path
 
 # %%
 #| hide
@@ -140,8 +140,7 @@ def _create(self:ReplayBuffer):
         a.flush(); del a
     (self.path/'log.jsonl').write_bytes(b'')
     hdr = dict(format=FORMAT, dim=self.dim, n_actions=self.n_actions, capacity=self.capacity, dtype=self.dtype)
-    tmp = self.path/'header.json.tmp'
-    tmp.write_text(json.dumps(hdr, indent=1)); os.replace(tmp, self.path/'header.json')
+    atomic_write_text(self.path/'header.json', json.dumps(hdr, indent=1))
 
 @patch
 def _check_header(self:ReplayBuffer):
@@ -199,9 +198,7 @@ def _recover(self:ReplayBuffer):
 def _compact(self:ReplayBuffer):
     "Rewrite the log with only the live episodes (atomic: temp file, then rename)."
     data = b''.join((json.dumps(self._records[k], sort_keys=True) + '\n').encode() for k in sorted(self._records))
-    tmp = self.path/'log.jsonl.tmp'
-    with open(tmp, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, self.path/'log.jsonl')
+    atomic_write_bytes(self.path/'log.jsonl', data)
     self._log_offset = len(data)
 
 @patch

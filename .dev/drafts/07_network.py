@@ -16,8 +16,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from research_controller.config import (Config, ConfigError, NetworkConfig, TrainConfig, config_hash, config_to_dict,
-                                        replace_config)
+from research_controller.config import (Config, ConfigError, NetworkConfig, TrainConfig, atomic_write, config_hash,
+                                        config_to_dict, replace_config)
 
 # %%
 #| hide
@@ -398,11 +398,7 @@ def save_checkpoint(net:PolicyValueNet,
                 config=config_to_dict(config) if config is not None else None,
                 config_hash=config_hash(config) if config is not None else None, extra=extra or {},
                 torch_version=str(torch.__version__))
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(blob, tmp)
-    with open(tmp, 'rb') as f: os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda t: torch.save(blob, t))
 
 # %%
 #| export

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from fastcore.basics import patch
-from research_controller.config import Config, ConfigError, config_hash, config_to_dict, load_config, run_path
+from research_controller.config import Config, ConfigError, atomic_write, config_hash, config_to_dict, load_config, run_path
 from research_controller.macro_actions import ACTION_NAMES, N_ACTIONS
 from research_controller.buffer import FORMAT as BUFFER_FORMAT, ReplayBuffer, ReplayBufferError
 from research_controller.network import PolicyValueNet, CheckpointError, load_checkpoint, loss, save_checkpoint
@@ -253,11 +253,7 @@ class TrainResult:
         return (f"TrainResult(steps={self.steps}, resumed_from={self.resumed_from}, loss {first:.3f} -> {last:.3f}, "
                 f"checkpoint={Path(self.checkpoint).name!r})")
 
-def _atomic_torch_save(obj, path:Path):
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(obj, tmp)
-    with open(tmp, 'rb') as f: os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _atomic_torch_save(obj, path:Path): atomic_write(path, lambda t: torch.save(obj, t))
 
 # %%
 #| export

@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 from fastcore.basics import patch_to
 from tqdm.auto import tqdm
-from research_controller.config import (Config, EvaluateConfig, atomic_write_text, config_hash, data_path, load_config,
-                                        run_path, sha256_file)
+from research_controller.config import (Config, EvaluateConfig, atomic_write, atomic_write_text, config_hash, data_path,
+                                        load_config, run_path, sha256_file)
 
 # %%
 #| hide
@@ -927,13 +927,7 @@ fig
 # %%
 #| export
 def _save_fig(fig, path:Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.png'); os.close(fd)
-    try: fig.savefig(tmp, dpi=110, metadata={'Software': None}); os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda t: fig.savefig(t, format='png', dpi=110, metadata={'Software': None}))
 
 def save_plots(results:list, out_dir:str|Path, ecfg:EvaluateConfig|None=None) -> dict:
     "Write the three comparison plots as PNGs into `out_dir`; returns {name: path}."

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 from fastcore.basics import patch_to
 from filelock import FileLock, Timeout
-from research_controller.config import Config, EvaluateConfig, config_hash, config_to_dict, load_config, run_path
-from research_controller.evaluate import (Comparison, ItemRecord, SuiteError, SuiteResult, atomic_write_json,
-                                          compare, sha256_file, _check_pair)
+from research_controller.config import Config, EvaluateConfig, config_hash, config_to_dict, load_config, run_path, sha256_file
+from research_controller.evaluate import Comparison, ItemRecord, SuiteError, SuiteResult, atomic_write_json, compare, _check_pair
 
 # %%
 #| hide

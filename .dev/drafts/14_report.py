@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
 from fastcore.basics import patch
-from research_controller.config import Config, EvaluateConfig, load_config, run_path
-from research_controller.evaluate import (SuiteResult, atomic_write_text, bootstrap_ci, compare, compare_table,
-                                          plot_metric_bars, plot_reward_terms, plot_tokens_vs_score, sha256_file)
+from research_controller.config import Config, EvaluateConfig, atomic_write, atomic_write_text, load_config, run_path, sha256_file
+from research_controller.evaluate import (SuiteResult, bootstrap_ci, compare, compare_table, plot_metric_bars, plot_reward_terms,
+                                          plot_tokens_vs_score)
 from research_controller.macro_actions import ACTION_NAMES
 
 # %%
@@ -327,13 +327,7 @@ def _save_fig(fig, path:Path) -> list:
     "Save `fig` as PNG and PDF next to each other, atomically and without timestamps."
     out = []
     for ext, md in (('png', {'Software': None}), ('pdf', {'Creator': None, 'Producer': None, 'CreationDate': None})):
-        p = path.with_suffix('.' + ext); p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f'.{p.name}.', suffix='.' + ext); os.close(fd)
-        try: fig.savefig(tmp, dpi=110, metadata=md); os.replace(tmp, p)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
-            raise
-        out.append(p)
+        out.append(atomic_write(path.with_suffix('.' + ext), lambda t: fig.savefig(t, format=ext, dpi=110, metadata=md)))
     return out
 
 def _fmt(x, spec='.3f') -> str: return '—' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
