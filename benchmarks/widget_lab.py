@@ -3,12 +3,14 @@
     python benchmarks/widget_lab.py                   # build a notebook from real data, run it in JupyterLab, click through the widget
     python benchmarks/widget_lab.py --keep            # same, but keep the temporary lab directory (notebook, server log) for a look
 
-Builds a temporary directory with a notebook that runs the default SLM engine, an MCTS-at-inference generation (macro trace +
-per-decision search summaries) and one root search (the tree), and shows `TreeExplorer(tree, trace=..., search=...)`.
+Builds a temporary directory with a notebook that runs the default SLM engine and an MCTS-at-inference generation through
+`report.search_trees` (macro trace, per-decision search summaries and each decision's search tree), and shows
+`TreeExplorer(trace=..., search=..., trees=...)`.
 Starts `jupyter lab --no-browser` on 127.0.0.1 (free port, token, a kernelspec for this Python), opens the notebook in headless
-Chromium through Playwright, runs all cells from the Run menu and really clicks: ▶, a slider drag, ◀ (trace pane); a child of
-the root, a grandchild, ↑ parent twice, a child, ⌂ root, a child (tree pane); then re-runs, from the browser, a cell that prints
-the kernel-side `ex.path`/`ex.step` and checks that the kernel followed. Needs the default SLM available offline; ~30 s on 2 cores.
+Chromium through Playwright, runs all cells from the Run menu and really clicks: ▶, slider drags to the end and back, ◀
+(trace pane); a child of decision 1's root, a grandchild, ↑ parent twice, a child, ⌂ root, a child (tree pane); ▶ again and
+the tree pane must show decision 2's own tree; then re-runs, from the browser, a cell that prints the kernel-side
+`ex.path`/`ex.step` and checks that the kernel followed. Needs the default SLM available offline; ~30 s on 2 cores.
 Writes benchmarks/artifacts/widget_lab_*.png and benchmarks/artifacts/widget_lab.json; exits 1 when a check fails or the page
 logs a JavaScript error. Needs `pip install jupyterlab playwright` (never `playwright install`: the system Chromium is used,
 `apt-get install -y chromium`). This is a script, not an nbdev test.
@@ -29,7 +31,7 @@ NEEDED = {'jupyterlab': 'jupyterlab', 'playwright': 'playwright', 'ipywidgets': 
 # bundle would also fail the rendering checks). Uncaught page errors always fail.
 BENIGN = [re.compile(r'Failed to load resource: .*(404|net::ERR_)')]
 
-# The notebook: real data on the default SLM. A random network, its policy nudged towards answering (CONTINUE/RESAMPLE),
+# The notebook: real data on the default SLM. A random network, its policy nudged towards answering (CONTINUE/RESAMPLE) and away from STOP,
 # drives the search so that the trace shows visible text; every number in it comes from the engine and the search.
 SETUP = r'''import os, time
 os.environ.update(HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TOKENIZERS_PARALLELISM='false', TQDM_DISABLE='1')
@@ -37,31 +39,21 @@ t0 = time.perf_counter()
 import torch
 from research_controller.config import load_config
 from research_controller.engine import get_engine
-from research_controller.macro_actions import N_ACTIONS, ACTION_NAMES
+from research_controller.macro_actions import N_ACTIONS
 from research_controller.network import PolicyValueNet
-from research_controller.selfplay import MCTSController, SelfPlayEnv, _ValueEnv
-from research_controller.mcts import MCTS
-from research_controller.report import TreeExplorer, tree_dict
+from research_controller.selfplay import MCTSController
+from research_controller.report import TreeExplorer, search_trees
 torch.set_num_threads(1)  # 2 threads on a shared 2-core machine are 10x slower
 cfg = load_config(overrides=['mcts.early_stop=false'])
 eng = get_engine(cfg)
 torch.manual_seed(2)
 net = PolicyValueNet(eng.feature_dim, N_ACTIONS, cfg.network)
-with torch.no_grad(): net.policy_head.weight.mul_(0.1); net.policy_head.bias.copy_(torch.tensor([1., 1., 0., 1., -1.]))
-prompt = "Explain why the sky is blue."
-mc = MCTSController(net, cfg, n_sims=4, search_share=0.6)
-res = mc.generate(eng, prompt, max_new_tokens=64, seed=0)
-env = SelfPlayEnv(eng, None, bounds=(-1, 1))  # the tree: one search at the root, scored by the value head like MCTSController
-mcts = MCTS(_ValueEnv(env, mc.policy), mc.policy.evaluator, cfg.mcts, seed=0)
-sr = mcts.search(env.root(prompt, 32, seed=0), n_sims=__SIMS__)
-def describe(s):
-    tr = eng.result(s.gs).macro_trace
-    return (tr[-1].get('chunk') or '') if tr else ''
-tree = tree_dict(mcts.root, ACTION_NAMES, describe=describe)
+with torch.no_grad(): net.policy_head.weight.mul_(0.1); net.policy_head.bias.copy_(torch.tensor([2., 0., 0., 1., -5.]))
+mc = MCTSController(net, cfg, n_sims=__SIMS__, search_share=0.6)
+res, trees = search_trees(mc, eng, "Explain why the sky is blue.", max_new_tokens=__TOKENS__, seed=0)
 print(f"DATA trace={[t['action'] for t in res.macro_trace]} sims={[s['n_sims'] for s in res.meta['search']]} "
-      f"tree N={tree['N']} children={[(c['action'], c['N'], len(c['children'])) for c in tree['children']]} "
-      f"seconds={time.perf_counter() - t0:.1f}")'''
-SHOW = '''ex = TreeExplorer(tree, trace=res.macro_trace, search=res.meta['search'])
+      f"trees={ {i: (t['N'], len(t['children'])) for i, t in trees.items()} } seconds={time.perf_counter() - t0:.1f}")'''
+SHOW = '''ex = TreeExplorer(trace=res.macro_trace, search=res.meta['search'], trees=trees)
 ex'''
 STATE = 'print(f"STATE path={ex.path} step={ex.step} slider={ex.slider.value}")'
 
@@ -81,7 +73,7 @@ def find_chromium(path:str|None) -> str:
 def free_port() -> int:
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-def make_lab_dir(d:Path, sims:int) -> Path:
+def make_lab_dir(d:Path, sims:int, tokens:int) -> Path:
     "Notebook, kernelspec (this Python) and quiet lab settings under `d`; returns the notebook path."
     import nbformat
     from nbformat.v4 import new_notebook, new_code_cell, new_markdown_cell
@@ -94,7 +86,7 @@ def make_lab_dir(d:Path, sims:int) -> Path:
     (s/'apputils-extension').mkdir(parents=True, exist_ok=True)
     (s/'apputils-extension'/'notification.jupyterlab-settings').write_text(json.dumps(dict(fetchNews='false', checkForUpdates=False)))
     nb = new_notebook(cells=[new_markdown_cell('# TreeExplorer in JupyterLab\n> real trace and tree from the default SLM'),
-                             new_code_cell(SETUP.replace('__SIMS__', str(sims))), new_code_cell(SHOW), new_code_cell(STATE)],
+                             new_code_cell(SETUP.replace('__SIMS__', str(sims)).replace('__TOKENS__', str(tokens))), new_code_cell(SHOW), new_code_cell(STATE)],
                       metadata=dict(kernelspec=dict(name=KERNEL, display_name='rc widget lab', language='python')))
     p = d/'tree_explorer.ipynb'; nbformat.write(nb, p)
     return p
@@ -236,6 +228,11 @@ def drive(url:str, exe:str, out:Path, checks:Checks, timings:dict, console:list,
             ok = wait_text(trace_html, f'decision {n-1}/{n}')
             checks('◀ goes back one decision', ok, trace_html().splitlines()[0])
             shot('2_trace_clicked', view)
+            hb, tb = handle.bounding_box(), track.bounding_box()
+            page.mouse.move(hb['x'] + hb['width']/2, hb['y'] + hb['height']/2); page.mouse.down()
+            page.mouse.move(tb['x'] - 20, hb['y'] + hb['height']/2, steps=8); page.mouse.up()
+            ok = wait_text(trace_html, f'decision 1/{n}') and wait_for(lambda: readout.inner_text().strip() == '1', 15) is not None
+            checks('dragging the slider to the start shows decision 1/N', ok, f"{trace_html().splitlines()[0]}, readout={readout.inner_text()!r}")
             # tree pane: root → child → grandchild → ↑ parent → ↑ parent → child → ⌂ root → child. The HTML pane and the child
             # buttons are separate widget updates (new buttons are new widget models), so every step waits for both to agree.
             view.locator('.lm-TabBar-tab', has_text='tree').click()
@@ -244,9 +241,9 @@ def drive(url:str, exe:str, out:Path, checks:Checks, timings:dict, console:list,
             def table():  # the child buttons the node's own table calls for: 'ACTION (N=n)' per row
                 rows = [l.split('\t') for l in node().splitlines()[1:]]
                 return [f"{r[0].strip()} (N={r[1].strip()})" for r in rows if len(r) > 1 and re.fullmatch(r'[A-Z_]+', r[0].strip()) and r[1].strip().isdigit()]
-            def at(where:str) -> tuple[bool, str]:
-                "Wait until the pane shows node `where` and its child buttons match its table; returns (ok, what it shows)."
-                ok = wait_for(lambda: node().startswith(where + ':') and kids() == table(), 15)
+            def at(where:str, d:int=1) -> tuple[bool, str]:
+                "Wait until the pane shows node `where` of decision `d`'s tree and its child buttons match its table; returns (ok, what it shows)."
+                ok = wait_for(lambda: node().startswith(f'decision {d}: {where}:') and kids() == table(), 15)
                 try: shown = f"{node().splitlines()[0]}; buttons={kids()}"
                 except Exception as e: shown = f"unreadable: {e}"
                 return bool(ok), shown
@@ -274,9 +271,14 @@ def drive(url:str, exe:str, out:Path, checks:Checks, timings:dict, console:list,
             ok, shown = at('root'); checks('⌂ root goes back to the root', ok and kids() == root_kids, shown)
             btn(re.escape(top)).click()
             checks(f'child button again: root → {child}', *at(f'root → {child}'))
-            path = [child]
+            # the tree pane follows the trace pane: ▶ on the trace tab, and the tree tab shows decision 2's own search from its root
+            view.locator('.lm-TabBar-tab', has_text='trace').click(); btn('^▶$').click(); wait_text(trace_html, f'decision 2/{n}')
+            view.locator('.lm-TabBar-tab', has_text='tree').click()
+            ok, shown = at('root', d=2)
+            checks('the tree pane follows the trace pane (decision 2: its own tree, at its root)', ok, shown)
+            path = []
             # the kernel followed the clicks: re-run the STATE cell from the browser (click into it, Shift+Enter)
-            want = f"STATE path={path!r} step={n-2} slider={n-1}"
+            want = f"STATE path={path!r} step=1 slider=2"
             cells.nth(2).locator('.jp-InputArea-editor').click(); page.keyboard.press('Shift+Enter')
             out_txt = lambda: cells.nth(2).locator('.jp-OutputArea-output').first.inner_text()
             ok = wait_text(out_txt, want, timeout=30)
@@ -305,7 +307,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--out', default=str(ROOT/'benchmarks'/'artifacts'), help="artifact directory")
     ap.add_argument('--chromium', default='/usr/bin/chromium', help="Chromium executable (Playwright's own browsers are not used)")
-    ap.add_argument('--sims', type=int, default=16, help="simulations of the root search that makes the tree")
+    ap.add_argument('--sims', type=int, default=16, help="simulations per decision of the search controller")
+    ap.add_argument('--tokens', type=int, default=200, help="total token budget of the generation, search included")
     ap.add_argument('--timeout', type=int, default=300, help="seconds to wait for the lab page and for Run All Cells")
     ap.add_argument('--keep', action='store_true', help="keep the temporary lab directory")
     a = ap.parse_args(argv)
@@ -323,7 +326,7 @@ def main(argv=None) -> int:
                   checks=checks.items, timings=timings, console=console, errors=[], lab_dir=str(d) if a.keep else None)
     proc = port = token = None; log = None; t_all = time.perf_counter()
     try:
-        make_lab_dir(d, a.sims)
+        make_lab_dir(d, a.sims, a.tokens)
         port, token = free_port(), secrets.token_hex(16)
         log = open(d/'lab.log', 'w')
         t = time.perf_counter(); proc = start_lab(d, port, token, log)

@@ -19,7 +19,8 @@ from .macro_actions import ACTION_NAMES
 
 # %% auto #0
 __all__ = ['REDACTED', 'ReportError', 'find_eval_results', 'tex_escape', 'latex_table', 'read_scalars', 'plot_training',
-           'cycle_rows', 'plot_cycles', 'write_report', 'tree_dict', 'plot_tree', 'replay_text', 'TreeExplorer']
+           'cycle_rows', 'plot_cycles', 'write_report', 'tree_dict', 'plot_tree', 'replay_text', 'TreeExplorer',
+           'search_trees']
 
 # %% ../nbs/14_report.ipynb #abcbdfd5
 class ReportError(ValueError):
@@ -370,7 +371,7 @@ def replay_text(trace:list, upto:int|None=None) -> str:
         elif a in ('CONTINUE', 'RESAMPLE'): chunks.append(ch)
     return ''.join(chunks)
 
-# %% ../nbs/14_report.ipynb #e8690fd6
+# %% ../nbs/14_report.ipynb #5ed95d47
 def _table_html(rows:list, cols:list) -> str:
     head = ''.join(f"<th>{html.escape(str(c))}</th>" for c in cols)
     body = ''.join('<tr>' + ''.join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + '</tr>' for r in rows)
@@ -381,11 +382,19 @@ class TreeExplorer:
     def __init__(self, tree:dict|None=None, # from `tree_dict` (or an mcts Node, converted with `action_names`/`describe`)
                  trace:list|None=None, # a GenerationResult.macro_trace
                  search:list|None=None, # per-decision search summaries (GenerationResult.meta['search'] of a search controller)
-                 action_names:Sequence[str]=ACTION_NAMES, describe:Callable|None=None):
-        if tree is not None and not isinstance(tree, dict): tree = tree_dict(tree, action_names, describe)
-        if tree is None and not trace: raise ValueError("TreeExplorer needs a tree (tree_dict or mcts Node) or a non-empty macro trace.")
-        self.tree, self.trace, self.search = tree, list(trace or []), list(search or [])
+                 action_names:Sequence[str]=ACTION_NAMES, describe:Callable|None=None,
+                 trees:dict|None=None): # {decision index: tree} (from `search_trees`): the tree pane follows the trace pane
+        conv = lambda t: t if t is None or isinstance(t, dict) else tree_dict(t, action_names, describe)
+        self._tree, self.trees = conv(tree), {int(k): conv(v) for k, v in (trees or {}).items()}
+        if self._tree is None and not self.trees and not trace:
+            raise ValueError("TreeExplorer needs a tree (tree_dict or mcts Node), per-decision trees or a non-empty macro trace.")
+        self.trace, self.search = list(trace or []), list(search or [])
         self.path, self.step, self._w = [], 0, None
+
+    @property
+    def tree(self) -> dict|None:
+        "The tree shown: the current decision's search tree when `trees` was given, else `tree`."
+        return self.trees.get(self.step) if self.trees else self._tree
 
     @property
     def node(self) -> dict|None:
@@ -396,7 +405,7 @@ class TreeExplorer:
 
     def select(self, action:str):
         "Go down to the child reached by `action`."
-        if self.tree is None: raise ValueError("no tree to explore.")
+        if self.tree is None: raise ValueError(f"no search tree at decision {self.step + 1}." if self.trees else "no tree to explore.")
         names = [c['action'] for c in self.node['children']]
         if action not in names: raise ValueError(f"no explored child {action!r} here; explored children: {names}.")
         self.path.append(action); self._refresh(); return self
@@ -412,14 +421,16 @@ class TreeExplorer:
 
     def goto(self, i:int):
         "Show decision `i` of the trace (clipped to the trace)."
-        self.step = int(min(max(i, 0), max(len(self.trace) - 1, 0))); self._refresh(); return self
+        step = int(min(max(i, 0), max(len(self.trace) - 1, 0)))
+        if self.trees and step != self.step: self.path = []  # another decision, another tree: start at its root
+        self.step = step; self._refresh(); return self
 
     def _refresh(self):
         if self._w is not None: self._sync()
 
     def __repr__(self): return f"TreeExplorer(path={self.path}, step={self.step}/{len(self.trace)})"
 
-# %% ../nbs/14_report.ipynb #d6ee1236
+# %% ../nbs/14_report.ipynb #71b0bbfa
 @patch
 def trace_html(self:TreeExplorer) -> str:
     "HTML of the trace pane: text so far, the decision, its features and its search statistics."
@@ -440,14 +451,14 @@ def trace_html(self:TreeExplorer) -> str:
 @patch
 def node_html(self:TreeExplorer) -> str:
     "HTML of the tree pane: where we are and the current node's children."
-    if self.tree is None: return '<i>no tree</i>'
+    if self.tree is None: return f'<i>no search at decision {self.step + 1}</i>' if self.trees else '<i>no tree</i>'
     t = self.node
     rows = [dict(action=c['action'], N=c['N'], Q=_fmt(c['Q'], '+.3f'), P=_fmt(c['P'], '.3f'), text=c.get('text', '')) for c in t['children']]
-    where = ' → '.join(['root', *self.path])
+    where = ' → '.join([f'decision {self.step + 1}: root' if self.trees else 'root', *self.path])
     return (f"<b>{html.escape(where)}</b>: N={t['N']}, value {_fmt(t['value'], '+.3f')}, tokens {t['tokens']}"
             f"{', terminal' if t['terminal'] else ''}<br>" + (_table_html(rows, ['action', 'N', 'Q', 'P', 'text']) if rows else '<i>leaf</i>'))
 
-# %% ../nbs/14_report.ipynb #6c6deb82
+# %% ../nbs/14_report.ipynb #2f83f053
 @patch
 def _build(self:TreeExplorer):
     "Create the widgets and bind them to the explorer's methods."
@@ -462,7 +473,7 @@ def _build(self:TreeExplorer):
     self.child_box = W.HBox()
     panes = []
     if self.trace: panes.append(W.VBox([W.HBox([self.prev_btn, self.slider, self.next_btn]), self.trace_out]))
-    if self.tree is not None: panes.append(W.VBox([W.HBox([self.up_btn, self.top_btn]), self.child_box, self.node_out]))
+    if self.tree is not None or self.trees: panes.append(W.VBox([W.HBox([self.up_btn, self.top_btn]), self.child_box, self.node_out]))
     self._w = W.VBox(panes) if len(panes) == 1 else W.Tab(children=panes, titles=('trace', 'tree'))
     self._refresh()
 
@@ -494,3 +505,19 @@ def widget(self:TreeExplorer):
 def _ipython_display_(self:TreeExplorer):
     from IPython.display import display
     display(self.widget)
+
+# %% ../nbs/14_report.ipynb #0d115bcd
+def search_trees(ctl, # a search controller with `on_search` callbacks (selfplay.MCTSController)
+                 engine, prompt:str, max_new_tokens:int, seed:int=0,
+                 max_depth:int=6): # deeper nodes are cut from the snapshots
+    "Generate with `ctl`, keeping a `tree_dict` of each decision's search; returns (GenerationResult, {decision: tree})."
+    if not hasattr(ctl, 'on_search'): raise TypeError(f"{type(ctl).__name__} does not search (no on_search callbacks); use selfplay.MCTSController.")
+    def describe(s):
+        tr = engine.result(s.gs).macro_trace
+        return (tr[-1].get('chunk') or '') if tr else ''
+    trees = {}
+    def snap(i, mcts, r): trees[i] = tree_dict(mcts.root, ACTION_NAMES, describe, max_depth)
+    ctl.on_search.append(snap)
+    try: res = ctl.generate(engine, prompt, max_new_tokens, seed=seed)
+    finally: ctl.on_search.remove(snap)
+    return res, trees

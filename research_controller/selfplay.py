@@ -456,15 +456,17 @@ class PolicyController:
 
     def __repr__(self): return f"PolicyController(name={self.name!r}, version={self.version!r}, body={self.net.cfg.body!r})"
 
-# %% ../nbs/09_selfplay.ipynb #e625c905
+# %% ../nbs/09_selfplay.ipynb #a8a5a56c
 class MCTSController:
     "Search-at-inference controller: MCTS with the network per decision; search tokens count toward the budget."
     def __init__(self, net:PolicyValueNet, cfg:Config|None=None, n_sims:int|None=None, search_share:float=0.5,
-                 name:str|None=None, version:str|None=None, slm_fingerprint:str|None=None):
+                 name:str|None=None, version:str|None=None, slm_fingerprint:str|None=None,
+                 on_search:Sequence[Callable]=()): # callbacks `f(decision, mcts, result)` after each search, before its move
         if not 0 <= search_share < 1: raise ValueError(f"search_share must lie in [0, 1), got {search_share}.")
         self.policy = PolicyController(net, cfg, name or 'mcts', version, slm_fingerprint)
         self.cfg, self.n_sims, self.search_share = self.policy.cfg, n_sims or self.policy.cfg.mcts.n_sims, search_share
         self.name, self.version = self.policy.name, version
+        self.on_search = list(on_search) if isinstance(on_search, (list, tuple)) else [on_search]
 
     def generate(self, engine, prompt:str, max_new_tokens:int, seed:int=0, include_thoughts:bool=False, item:dict|None=None):
         "Generate with search under a TOTAL budget of `max_new_tokens` (search included); returns a `GenerationResult`."
@@ -481,6 +483,7 @@ class MCTSController:
             n = min(self.n_sims, (pool - search_tokens)//worst)
             if n >= 1:
                 r = mcts.search(state, n_sims=n)
+                for f in self.on_search: f(len(trace), mcts, r)  # e.g. snapshot the tree (report.search_trees)
                 search_tokens += r.tokens_spent
                 a, child_known = r.action, mcts.root.children[r.action] is not None
                 trace.append(r.to_trace(list(ACTION_NAMES)))

@@ -808,11 +808,13 @@ acts
 class MCTSController:
     "Search-at-inference controller: MCTS with the network per decision; search tokens count toward the budget."
     def __init__(self, net:PolicyValueNet, cfg:Config|None=None, n_sims:int|None=None, search_share:float=0.5,
-                 name:str|None=None, version:str|None=None, slm_fingerprint:str|None=None):
+                 name:str|None=None, version:str|None=None, slm_fingerprint:str|None=None,
+                 on_search:Sequence[Callable]=()): # callbacks `f(decision, mcts, result)` after each search, before its move
         if not 0 <= search_share < 1: raise ValueError(f"search_share must lie in [0, 1), got {search_share}.")
         self.policy = PolicyController(net, cfg, name or 'mcts', version, slm_fingerprint)
         self.cfg, self.n_sims, self.search_share = self.policy.cfg, n_sims or self.policy.cfg.mcts.n_sims, search_share
         self.name, self.version = self.policy.name, version
+        self.on_search = list(on_search) if isinstance(on_search, (list, tuple)) else [on_search]
 
     def generate(self, engine, prompt:str, max_new_tokens:int, seed:int=0, include_thoughts:bool=False, item:dict|None=None):
         "Generate with search under a TOTAL budget of `max_new_tokens` (search included); returns a `GenerationResult`."
@@ -829,6 +831,7 @@ class MCTSController:
             n = min(self.n_sims, (pool - search_tokens)//worst)
             if n >= 1:
                 r = mcts.search(state, n_sims=n)
+                for f in self.on_search: f(len(trace), mcts, r)  # e.g. snapshot the tree (report.search_trees)
                 search_tokens += r.tokens_spent
                 a, child_known = r.action, mcts.root.children[r.action] is not None
                 trace.append(r.to_trace(list(ACTION_NAMES)))
@@ -866,6 +869,12 @@ test_eq(r.tokens >= r.meta['path_tokens'], True)
 test_eq(r.meta['search_tokens'] > 0, True)
 test_eq(r.meta['path_budget'], 16)
 test_eq([e['search']['n_sims'] for e in r.macro_trace], [t['n_sims'] for t in r.meta['search']])
+seen = []
+r2 = MCTSController(mc.policy.net, cfg0, n_sims=4, on_search=[lambda i, m, sr: seen.append((i, int(m.root.N.sum()), sr.action))]).generate(
+    eng, "Name a river.", max_new_tokens=32, seed=0)
+test_eq([i for i, _, _ in seen], [i for i, t in enumerate(r2.meta['search']) if t['n_sims']])  # once per searched decision
+test_eq([n for _, n, _ in seen], [t['n_sims'] + t['reused_visits'] for t in r2.meta['search'] if t['n_sims']])   # called before the move
+test_eq(r2.text, r.text)  # watching changes nothing
 r.tokens, r.meta['search_tokens'], r.meta['path_tokens'], [s['n_sims'] for s in r.meta['search']]
 
 # %% [markdown]

@@ -604,11 +604,19 @@ class TreeExplorer:
     def __init__(self, tree:dict|None=None, # from `tree_dict` (or an mcts Node, converted with `action_names`/`describe`)
                  trace:list|None=None, # a GenerationResult.macro_trace
                  search:list|None=None, # per-decision search summaries (GenerationResult.meta['search'] of a search controller)
-                 action_names:Sequence[str]=ACTION_NAMES, describe:Callable|None=None):
-        if tree is not None and not isinstance(tree, dict): tree = tree_dict(tree, action_names, describe)
-        if tree is None and not trace: raise ValueError("TreeExplorer needs a tree (tree_dict or mcts Node) or a non-empty macro trace.")
-        self.tree, self.trace, self.search = tree, list(trace or []), list(search or [])
+                 action_names:Sequence[str]=ACTION_NAMES, describe:Callable|None=None,
+                 trees:dict|None=None): # {decision index: tree} (from `search_trees`): the tree pane follows the trace pane
+        conv = lambda t: t if t is None or isinstance(t, dict) else tree_dict(t, action_names, describe)
+        self._tree, self.trees = conv(tree), {int(k): conv(v) for k, v in (trees or {}).items()}
+        if self._tree is None and not self.trees and not trace:
+            raise ValueError("TreeExplorer needs a tree (tree_dict or mcts Node), per-decision trees or a non-empty macro trace.")
+        self.trace, self.search = list(trace or []), list(search or [])
         self.path, self.step, self._w = [], 0, None
+
+    @property
+    def tree(self) -> dict|None:
+        "The tree shown: the current decision's search tree when `trees` was given, else `tree`."
+        return self.trees.get(self.step) if self.trees else self._tree
 
     @property
     def node(self) -> dict|None:
@@ -619,7 +627,7 @@ class TreeExplorer:
 
     def select(self, action:str):
         "Go down to the child reached by `action`."
-        if self.tree is None: raise ValueError("no tree to explore.")
+        if self.tree is None: raise ValueError(f"no search tree at decision {self.step + 1}." if self.trees else "no tree to explore.")
         names = [c['action'] for c in self.node['children']]
         if action not in names: raise ValueError(f"no explored child {action!r} here; explored children: {names}.")
         self.path.append(action); self._refresh(); return self
@@ -635,7 +643,9 @@ class TreeExplorer:
 
     def goto(self, i:int):
         "Show decision `i` of the trace (clipped to the trace)."
-        self.step = int(min(max(i, 0), max(len(self.trace) - 1, 0))); self._refresh(); return self
+        step = int(min(max(i, 0), max(len(self.trace) - 1, 0)))
+        if self.trees and step != self.step: self.path = []  # another decision, another tree: start at its root
+        self.step = step; self._refresh(); return self
 
     def _refresh(self):
         if self._w is not None: self._sync()
@@ -667,10 +677,10 @@ def trace_html(self:TreeExplorer) -> str:
 @patch
 def node_html(self:TreeExplorer) -> str:
     "HTML of the tree pane: where we are and the current node's children."
-    if self.tree is None: return '<i>no tree</i>'
+    if self.tree is None: return f'<i>no search at decision {self.step + 1}</i>' if self.trees else '<i>no tree</i>'
     t = self.node
     rows = [dict(action=c['action'], N=c['N'], Q=_fmt(c['Q'], '+.3f'), P=_fmt(c['P'], '.3f'), text=c.get('text', '')) for c in t['children']]
-    where = ' → '.join(['root', *self.path])
+    where = ' → '.join([f'decision {self.step + 1}: root' if self.trees else 'root', *self.path])
     return (f"<b>{html.escape(where)}</b>: N={t['N']}, value {_fmt(t['value'], '+.3f')}, tokens {t['tokens']}"
             f"{', terminal' if t['terminal'] else ''}<br>" + (_table_html(rows, ['action', 'N', 'Q', 'P', 'text']) if rows else '<i>leaf</i>'))
 
@@ -705,7 +715,7 @@ def _build(self:TreeExplorer):
     self.child_box = W.HBox()
     panes = []
     if self.trace: panes.append(W.VBox([W.HBox([self.prev_btn, self.slider, self.next_btn]), self.trace_out]))
-    if self.tree is not None: panes.append(W.VBox([W.HBox([self.up_btn, self.top_btn]), self.child_box, self.node_out]))
+    if self.tree is not None or self.trees: panes.append(W.VBox([W.HBox([self.up_btn, self.top_btn]), self.child_box, self.node_out]))
     self._w = W.VBox(panes) if len(panes) == 1 else W.Tab(children=panes, titles=('trace', 'tree'))
     self._refresh()
 
@@ -760,3 +770,57 @@ ex.slider.value = 6; test_eq(ex.step, 5)
 assert 'The capital of France is Paris.' in ex.trace_out.value and 'RESAMPLE' in ex.trace_out.value
 ex.prev_btn.click(); test_eq(ex.step, 4)
 ex
+
+# %% [markdown]
+# ### The trees of a real generation
+# `search_trees` runs a search controller (`MCTSController`) and snapshots, through its `on_search` callbacks, the
+# tree of every decision's search before the move; given those as `trees`, the tree pane follows the trace pane:
+# step to decision k and it shows the search that chose decision k. Node texts come from the engine's own trace,
+# so a chunk inside a thought reads `[thought redacted]` here too.
+
+# %%
+#| export
+def search_trees(ctl, # a search controller with `on_search` callbacks (selfplay.MCTSController)
+                 engine, prompt:str, max_new_tokens:int, seed:int=0,
+                 max_depth:int=6): # deeper nodes are cut from the snapshots
+    "Generate with `ctl`, keeping a `tree_dict` of each decision's search; returns (GenerationResult, {decision: tree})."
+    if not hasattr(ctl, 'on_search'): raise TypeError(f"{type(ctl).__name__} does not search (no on_search callbacks); use selfplay.MCTSController.")
+    def describe(s):
+        tr = engine.result(s.gs).macro_trace
+        return (tr[-1].get('chunk') or '') if tr else ''
+    trees = {}
+    def snap(i, mcts, r): trees[i] = tree_dict(mcts.root, ACTION_NAMES, describe, max_depth)
+    ctl.on_search.append(snap)
+    try: res = ctl.generate(engine, prompt, max_new_tokens, seed=seed)
+    finally: ctl.on_search.remove(snap)
+    return res, trees
+
+# %% [markdown]
+# On the tiny random model with a random network (fast; the shapes, not the choices, are the point):
+
+# %%
+from research_controller.slm import tiny_slm
+from research_controller.engine import Engine
+from research_controller.network import PolicyValueNet
+from research_controller.macro_actions import N_ACTIONS
+from research_controller.selfplay import MCTSController
+import torch
+tcfg = load_config(overrides=['features.drift_embedder=slm', 'macro.chunk_tokens=4'])
+teng = Engine(*tiny_slm(tcfg), tcfg)
+torch.manual_seed(0)
+tmc = MCTSController(PolicyValueNet(teng.feature_dim, N_ACTIONS, tcfg.network), tcfg, n_sims=4)
+tres, ttrees = search_trees(tmc, teng, "Why is the sky blue?", 32)
+searched = [i for i, t in enumerate(tres.meta['search']) if t['n_sims']]
+test_eq(sorted(ttrees), searched)
+test_eq([ttrees[i]['N'] for i in searched], [tres.meta['search'][i]['n_sims'] + tres.meta['search'][i]['reused_visits'] for i in searched])  # a reused subtree brings its visits
+test_eq(tmc.on_search, [])  # the snapshot callback is removed again
+test_fail(lambda: search_trees(object(), teng, "Hi", 8), contains='does not search')
+tx = TreeExplorer(trace=tres.macro_trace, search=tres.meta['search'], trees=ttrees)
+w = tx.widget
+first = tx.child_box.children[0].description.split(' ')[0]
+tx.child_box.children[0].click(); test_eq(tx.path, [first])
+tx.next_btn.click()  # the next decision: its own tree, from its root
+test_eq((tx.step, tx.path, tx.tree is ttrees.get(1)), (1, [], True))
+tx.goto(len(tres.macro_trace) - 1)
+assert tx.tree is not None or 'no search at decision' in tx.node_out.value
+tx.goto(0); tx.node_html()[:90]

@@ -79,7 +79,10 @@ res = json.loads(out)
 # %% [markdown]
 # The trace can be replayed decision by decision in the notebook with `TreeExplorer` (14_report): the slider
 # steps through the decisions and shows the visible text so far, the features the controller saw and, for a
-# search controller, the visits, Q and priors of that decision's search.
+# search controller, the visits, Q and priors of that decision's search. For a search controller,
+# `res, trees = search_trees(MCTSController(net, cfg), engine, prompt, 64)` also keeps every decision's search tree, and
+# `TreeExplorer(trace=res.macro_trace, search=res.meta['search'], trees=trees)` adds a tree pane that follows the
+# slider: one button per explored child, with its visits, Q, prior and chunk text.
 
 # %%
 from research_controller.report import TreeExplorer
