@@ -91,8 +91,9 @@
 # ## Measured here (2 CPU cores, SmolLM2-135M-Instruct bf16)
 # `bash scripts/main.sh` on a clean clone (2026-11-23; install + `rc cycle` on the defaults: 12 self-play episodes
 # with 16 MCTS simulations per decision, 200 training steps, a 32-item benchmark at 64 tokens per item for
-# champion and challenger) took **315 s** wall, the cycle itself 237 s (self-play 82 s, training 1.8 s,
-# evaluation 153 s; the same job took 140 s on a quieter day of this shared machine):
+# champion and challenger) took **315 s** and 338 s wall in two runs, the cycle itself 237 s and 263 s (self-play
+# ~82 s, training 1.9 s, evaluation 153-174 s; the same job took 140 s on a quieter day of this shared machine),
+# with identical, seeded results:
 #
 # | | |
 # |---|---|
