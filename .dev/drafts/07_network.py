@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import math, os
+import math
 from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np

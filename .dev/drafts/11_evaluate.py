@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import contextlib, hashlib, json, math, os, tempfile, time
+import hashlib, json, math, time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from research_controller.config import (Config, EvaluateConfig, atomic_write, at
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
-import random, shutil, itertools
+import os, random, shutil, itertools, tempfile
 from scipy import stats as sstats
 from types import SimpleNamespace
 

@@ -625,6 +625,10 @@ DISCONNECT_POLL_S = 0.1  # how often a waiting `/generate` checks that its clien
 
 class _ClientGone(Exception): "The client closed the connection before its answer was ready."
 
+def _retrieve(fut):
+    "Done-callback that consumes a future's outcome, so a worker's error nobody awaits is not reported as never retrieved."
+    fut.cancelled() or fut.exception()
+
 async def _wait_or_gone(fut, deadline:float, request:Request):
     "The result of `fut`; `asyncio.TimeoutError` after `deadline` (monotonic), `_ClientGone` if the client disconnects first."
     while True:
@@ -643,14 +647,13 @@ def _add_routes(app:FastAPI):
         st = app.state.stats; st.add(requests=1)
         job = _Job(app, req)
         fut = asyncio.get_running_loop().run_in_executor(app.state.pool, job.run)
+        fut.add_done_callback(_retrieve)  # a worker that stops after we answered (timeout, client gone) raises into nobody
         try: r = await _wait_or_gone(fut, job.deadline, request)
         except _ClientGone:
             job.peng.why = 'client gone'; job.peng.cancel.set(); st.add(cancelled=1); job.log(499, note='client gone')
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieve the worker's `Cancelled`
             return JSONResponse({'detail': 'client disconnected'}, status_code=499)  # nobody reads it
         except (asyncio.TimeoutError, Cancelled):
             job.peng.why = 'timeout'; job.peng.cancel.set(); st.add(timeouts=1); job.log(504)
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise HTTPException(504, detail=f"generation took longer than serve.request_timeout_s={cfg.serve.request_timeout_s} s; "
                                             "ask for fewer max_new_tokens, retry later, or raise the timeout.") from None
         except Exception as e:
@@ -719,7 +722,7 @@ def _add_stream_route(app:FastAPI):
 
         async def events():
             fut = loop.run_in_executor(app.state.pool, job.run)
-            fut.add_done_callback(lambda f: q.put_nowait(('end', None)))
+            fut.add_done_callback(lambda f: q.put_nowait(('end', None))); fut.add_done_callback(_retrieve)
             n = 0
             try:
                 while True:
@@ -744,7 +747,6 @@ def _add_stream_route(app:FastAPI):
                     st.add(ok=1); job.log(200, r.tokens, note='stream')
                     yield sse('done', job.finish(r)); return
             finally:
-                fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # a worker stopped after we left: retrieve its error
                 if not fut.done() and not job.peng.cancel.is_set():
                     job.peng.why = 'client gone'; job.peng.cancel.set(); st.add(cancelled=1); job.log(499, note='stream client gone')
 

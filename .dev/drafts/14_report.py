@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import contextlib, html, json, math, os, re, tempfile
+import html, json, math, re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,7 +22,7 @@ from research_controller.macro_actions import ACTION_NAMES
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
-import shutil, time
+import os, shutil, tempfile, time
 
 # %% [markdown]
 # `write_report` reads three kinds of stored runs and never reruns anything:
