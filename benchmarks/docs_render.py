@@ -43,10 +43,12 @@ def render(nb:Path, out_dir:Path) -> dict:
     except Exception as e:
         return dict(notebook=nb.name, html=None, bytes=0, ok=False, error=f"{type(e).__name__}: {e}", seconds=round(time.perf_counter() - t0, 2))
 
-def find_chromium() -> str:
+def find_chromium(path:str|None=None) -> str:
+    "`path` if it exists, else the first Chromium on PATH; exits with the install command when there is none."
+    if path and Path(path).exists(): return path
     for c in CHROMIUM:
         if shutil.which(c): return shutil.which(c)
-    sys.exit("no Chromium found: apt-get install -y chromium (Debian) or put chromium on PATH.")
+    sys.exit("no Chromium found: apt-get install -y chromium (Debian), put chromium on PATH" + (" or pass --chromium PATH." if path is not None else "."))
 
 JS_ERROR = re.compile(r'CONSOLE[^\]]*\]\s*"(Uncaught[^"]*|[^"]*Error[^"]*)"')
 
@@ -61,7 +63,7 @@ def open_in_chromium(html:Path, png:Path, width:int=1280, height:int=3000, timeo
     errors = sorted({m.group(1) for r in (dom, shot) for m in JS_ERROR.finditer(r.stderr)})
     return dict(url=url, returncode=max(dom.returncode, shot.returncode), dom_chars=len(dom.stdout), js_errors=errors,
                 title=(re.search(r'<title>(.*?)</title>', dom.stdout, re.S) or [None, None])[1],
-                screenshot=str(png.relative_to(ROOT)) if png.exists() else None, screenshot_bytes=png.stat().st_size if png.exists() else 0)
+                screenshot=(str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)) if png.exists() else None, screenshot_bytes=png.stat().st_size if png.exists() else 0)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -54,7 +54,7 @@ def describe(params:dict) -> str:
 
 def build_dev_suite(cfg, per_task:int, seed:int, split:str):
     "A `Suite` of `per_task` items per task of `evaluate.tasks` from `split`, none of them in the default benchmark suite."
-    from research_controller.evaluate import Suite, get_suite, check_item
+    from research_controller.evaluate import EVAL_FILES, Suite, get_suite, check_item
     from research_controller.rewards import load_task_items
     from research_controller.config import data_path, sha256_file
     bench = get_suite(cfg)
@@ -66,9 +66,8 @@ def build_dev_suite(cfg, per_task:int, seed:int, split:str):
         items += [check_item(pool[i], f"{t} dev item") for i in sorted(random.Random(f"{seed}:{t}:{split}:dev").sample(range(len(pool)), per_task))]
     overlap = bench_ids & {it['id'] for it in items}
     if overlap: sys.exit(f"dev items overlap the benchmark suite: {sorted(overlap)[:5]}")  # cannot happen, checked anyway
-    files = {'squad': ['squad_v1.1/dev.jsonl'], 'nq_open': ['nq_open/dev.jsonl'],
-             'gsm8k': ['gsm8k/train.jsonl' if split == 'train' else 'gsm8k/test.jsonl'],
-             'wikitext': ['wikitext-2-raw/wiki.valid.raw', 'wikitext-2-raw/wiki.test.raw']}
+    # the eval files serve both splits (split by article/question) except GSM8K, whose train split is its own file
+    files = {**EVAL_FILES, **({'gsm8k': ['gsm8k/train.jsonl']} if split == 'train' else {})}
     src = [{'path': p, 'sha256': sha256_file(data_path(cfg, p))} for t in cfg.evaluate.tasks for p in files[t]]
     dev = Suite(f'threshold-dev-{split}', items, version=1, seed=seed, token_budget=cfg.evaluate.token_budget, created_from=src)
     return dev, bench

@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse, importlib.metadata as md, importlib.util, json, os, re, secrets, shutil, signal, socket, subprocess, sys, tempfile, time
 import urllib.request
 from pathlib import Path
+from docs_render import find_chromium  # benchmarks/ is on sys.path when this script runs
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = ('chromium', 'chromium-browser', 'google-chrome', 'google-chrome-stable')
 CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
                  '--disable-component-update', '--disable-sync']
 KERNEL = 'rc-widget-lab'
@@ -63,12 +63,6 @@ def missing_packages() -> list[str]:
 def version(dist:str) -> str|None:
     try: return md.version(dist)
     except md.PackageNotFoundError: return None
-
-def find_chromium(path:str|None) -> str:
-    if path and Path(path).exists(): return path
-    for c in CHROMIUM:
-        if shutil.which(c): return shutil.which(c)
-    sys.exit("no Chromium found: apt-get install -y chromium (Debian) or pass --chromium PATH.")
 
 def free_port() -> int:
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
