@@ -956,11 +956,11 @@ class ThresholdController(Controller):
             return Action.CONTINUE, None
         z = g['chunk_entropy_z']
         if (m[Action.RESAMPLE] and not g['chunk_hidden'] and z > b.threshold_resample_zscore and g['left'] > mc.chunk_tokens
-                and len(engine.visible_ids(s.tip.parent)) >= self.min_visible):
+                and s.tip.parent.n_vis >= self.min_visible):  # n_vis: visible tokens up to a segment, kept by the engine
             return Action.RESAMPLE, f"chunk entropy z {z:.2f} > {b.threshold_resample_zscore:.2f}"
         if (m[Action.THINK_BEGIN] and g['n_thoughts'] < self.max_thoughts and g['last'] in ('prompt', 'chunk') and not g['chunk_hidden']
                 and g['entropy'] > b.threshold_think_entropy and g['varentropy'] > b.threshold_varentropy
-                and g['left'] >= self.thought_tokens + 2 + mc.chunk_tokens and len(engine.visible_ids(s.tip)) >= self.min_visible):
+                and g['left'] >= self.thought_tokens + 2 + mc.chunk_tokens and s.tip.n_vis >= self.min_visible):
             return Action.THINK_BEGIN, f"entropy {g['entropy']:.2f} > {b.threshold_think_entropy:.2f}, varentropy {g['varentropy']:.2f} > {b.threshold_varentropy:.2f}"
         return Action.CONTINUE, None
 
@@ -990,6 +990,7 @@ def acts_after_visible(ctl, prompt, budget, seed=0):
     s, out = eng.new_state(prompt, budget, seed=seed, **ctl.sampling()), []
     while not eng.is_done(s):
         a, _ = ctl.decide(eng, s)
+        test_eq(s.tip.n_vis, len(eng.visible_ids(s.tip)))  # the count the controller reads is the visible text's length
         if a in (Action.THINK_BEGIN, Action.RESAMPLE):
             out.append((a.name, len(eng.visible_ids(s.tip if a == Action.THINK_BEGIN else s.tip.parent))))
         eng.step(s, a)
