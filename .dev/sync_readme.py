@@ -1,11 +1,7 @@
-"Write README.md from the markdown cells of .dev/drafts/index.py (the source of nbs/index.ipynb)."
-import re, sys
+"Write README.md from the markdown cells of nbs/index.ipynb (nbdev-readme needs Quarto, which these machines lack)."
+import json
 from pathlib import Path
-src = Path('.dev/drafts/index.py').read_text()
-cells = re.split(r'^# %%(.*)$', src, flags=re.M)
-out = []
-for hdr, body in zip(cells[1::2], cells[2::2]):
-    if '[markdown]' not in hdr: continue
-    lines = [l[2:] if l.startswith('# ') else l[1:] if l.startswith('#') else l for l in body.strip('\n').splitlines()]
-    out.append('\n'.join(lines).strip('\n'))
-Path('README.md').write_text('\n\n'.join(out) + '\n')
+root = Path(__file__).resolve().parent.parent
+nb = json.loads((root/'nbs'/'index.ipynb').read_text(encoding='utf-8'))
+out = [''.join(c['source']).strip('\n') for c in nb['cells'] if c['cell_type'] == 'markdown']
+(root/'README.md').write_text('\n\n'.join(out) + '\n', encoding='utf-8')

@@ -103,8 +103,9 @@ def main(argv=None):
     import torch
     if a.threads: torch.set_num_threads(a.threads)
     from research_controller.config import load_config, config_hash, run_path
-    from research_controller.engine import GreedyBaseline, ThresholdController
-    from research_controller.evaluate import atomic_write_json, compare, adjust_pvalues, default_engine, default_rewards
+    from research_controller.controllers import GreedyBaseline, ThresholdController
+    from research_controller.config import atomic_write_json
+    from research_controller.evaluate import compare, adjust_pvalues, default_engine, default_rewards
     cfg = load_config(overrides=a.set)
     if a.seed == cfg.evaluate.seed and a.split == 'eval': ap.error("--seed equals evaluate.seed: that draws the benchmark itself")
     t_start = time.perf_counter()

@@ -41,7 +41,7 @@ from research_controller.config import load_config
 from research_controller.engine import get_engine
 from research_controller.macro_actions import N_ACTIONS
 from research_controller.network import PolicyValueNet
-from research_controller.selfplay import MCTSController
+from research_controller.controllers import MCTSController
 from research_controller.report import TreeExplorer, search_trees
 torch.set_num_threads(1)  # 2 threads on a shared 2-core machine are 10x slower
 cfg = load_config(overrides=['mcts.early_stop=false'])

@@ -6,29 +6,42 @@ Docs: https://research-controller.github.io/research_controller/config.html.md""
 
 # %% ../nbs/00_config.ipynb #633fb40f
 from __future__ import annotations
-import contextlib, copy, dataclasses, difflib, hashlib, json, os, tempfile, types, typing
+import contextlib, copy, dataclasses, difflib, hashlib, json, math, os, re, shlex, sys, tempfile, types, typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 import yaml
 
 # %% auto #0
-__all__ = ['SECTIONS', 'setting', 'ConfigError', 'SLMConfig', 'FeaturesConfig', 'MacroConfig', 'EngineConfig', 'BaselinesConfig',
-           'MCTSConfig', 'BufferConfig', 'NetworkConfig', 'TrainConfig', 'RewardsConfig', 'TasksConfig',
-           'SelfPlayConfig', 'EvaluateConfig', 'PromotionConfig', 'ServeConfig', 'PathsConfig', 'Config',
-           'config_to_dict', 'parse_overrides', 'load_config', 'render_yaml', 'project_root', 'run_path', 'data_path',
-           'config_hash', 'replace_config', 'atomic_write', 'atomic_write_text', 'atomic_write_bytes', 'sha256_file']
+__all__ = ['TASK_CHOICES', 'SECTIONS', 'FILE_MODE', 'DIR_MODE', 'setting', 'ConfigError', 'SLMConfig', 'FeaturesConfig',
+           'MacroConfig', 'EngineConfig', 'BaselinesConfig', 'MCTSConfig', 'BufferConfig', 'NetworkConfig',
+           'TrainConfig', 'RewardsConfig', 'TasksConfig', 'SelfPlayConfig', 'EvaluateConfig', 'PromotionConfig',
+           'ServeConfig', 'PathsConfig', 'Config', 'config_to_dict', 'parse_overrides', 'load_config', 'render_yaml',
+           'project_root', 'run_path', 'data_path', 'config_hash', 'replace_config', 'current_umask', 'apply_mode',
+           'make_dir', 'make_temp_dir', 'atomic_write', 'atomic_write_text', 'atomic_write_bytes', 'sha256_file',
+           'atomic_write_json']
 
 # %% ../nbs/00_config.ipynb #b5701532
-def setting(default, help:str, unit:str='', lo=None, hi=None, choices=None):
-    "A config field with its meaning (`help`), `unit`, allowed range `[lo, hi]` or `choices`."
-    md = dict(help=help, unit=unit, lo=lo, hi=hi, choices=tuple(choices) if choices else None)
+def setting(default, # the default value (a list or dict is copied for every instance)
+            help:str, # what the key means; written as its comment in configs/default.yaml
+            unit:str='', # unit of the value, shown in the comment
+            lo=None, hi=None, # closed range `[lo, hi]` of a number
+            choices=None, # allowed values; for a list setting, the allowed items
+            empty:bool=False, # whether '' (a string) or [] (a list) is a valid value
+            unique:bool=False, # a list setting may not name an item twice
+            pattern:str|None=None, # regular expression the whole of a string value must match
+           ):
+    "A config field carrying its meaning, unit and allowed values in its metadata."
+    md = dict(help=help, unit=unit, lo=lo, hi=hi, choices=tuple(choices) if choices else None, empty=empty, unique=unique, pattern=pattern)
     if isinstance(default, (list, dict)): return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=md)
     return field(default=default, metadata=md)
 
 # %% ../nbs/00_config.ipynb #9e5404a3
 class ConfigError(ValueError):
     "A bad configuration value: the message names the key, the value and how to fix it."
+
+# %% ../nbs/00_config.ipynb #bb76224a
+TASK_CHOICES = ('squad', 'gsm8k', 'nq_open', 'wikitext')
 
 # %% ../nbs/00_config.ipynb #a952430f
 @dataclass(frozen=True)
@@ -47,7 +60,7 @@ class SLMConfig:
     thought_open_init: str = setting('Let me think', "phrase whose mean embedding initialises the thought-open token's rows")
     thought_close_init: str = setting('So the answer is', "phrase whose mean embedding initialises the thought-close token's rows")
     use_chat_template: bool = setting(True, "wrap prompts in the tokenizer's chat template when it has one")
-    system_prompt: Optional[str] = setting(None, "system message for chat templates; null = none")
+    system_prompt: Optional[str] = setting(None, "system message for chat templates; null = none", empty=True)
 
 # %% ../nbs/00_config.ipynb #a8421fac
 @dataclass(frozen=True)
@@ -164,14 +177,14 @@ class RewardsConfig:
     w_unclosed_thought: float = setting(1.0, "weight of the penalty for a thought left open", lo=0.0, hi=100.0)
     kenlm_path: str = setting('assets/kenlm/fluency.bin', "KenLM binary built by `rc build-lm` (relative to the project root)")
     kenlm_order: int = setting(3, "n-gram order of the KenLM model", unit='tokens', lo=2, hi=6)
-    kenlm_memory: str = setting('1G', "memory cap passed to lmplz -S", unit='bytes (K/M/G suffix)')
+    kenlm_memory: str = setting('1G', "memory cap passed to lmplz -S: a size with a b/K/M/G/T suffix (no suffix = K) or a share of RAM such as 80%", unit='bytes', pattern=r'[0-9]+(\.[0-9]+)?[%bKMGTPEZY]?')
     kenlm_tools_dir: Optional[str] = setting(None, "where lmplz/build_binary are built from the kenlm sdist and cached; null = the user cache dir")
     fluency_floor: float = setting(-4.0, "mean log10 probability per token mapped to fluency 0 (shuffled held-out text averages about -3.5)", unit='log10 prob', lo=-50.0, hi=0.0)
     fluency_ceiling: float = setting(-2.0, "mean log10 probability per token mapped to fluency 1 (held-out Wikipedia text averages about -2.8)", unit='log10 prob', lo=-50.0, hi=0.0)
     judge_model: Optional[str] = setting(None, "judge model source; null = the steered SLM itself")
     judge_paraphrases: int = setting(3, "paraphrased judge prompts averaged (variance reported)", unit='prompts', lo=1, hi=5)
     judge_max_chars: int = setting(800, "the request and the answer are each cut to this many characters in the judge prompt", unit='characters', lo=32, hi=100000)
-    judge_cache: str = setting('judge_cache.sqlite', "sqlite cache of judge ratings (relative paths live under paths.runs_dir); '' = no cache")
+    judge_cache: str = setting('judge_cache.sqlite', "sqlite cache of judge ratings (relative paths live under paths.runs_dir); '' = no cache", empty=True)
     target_tokens: int = setting(48, "answer length that draws no length penalty", unit='tokens', lo=1, hi=32768)
     min_tokens: int = setting(2, "answers shorter than this are penalised as empty", unit='tokens', lo=0, hi=32768)
     repetition_ngram: int = setting(3, "n of the n-gram repeat rate", unit='tokens', lo=1, hi=16)
@@ -194,7 +207,7 @@ class SelfPlayConfig:
     "Self-play episodes that fill the replay buffer."
     episodes: int = setting(12, "episodes per self-play run", unit='episodes', lo=1, hi=10**8)
     max_new_tokens: int = setting(48, "token budget of one self-play episode", unit='tokens', lo=1, hi=32768)
-    tasks: list = setting(['wikitext', 'squad', 'gsm8k', 'nq_open'], "prompt sources mixed round-robin")
+    tasks: list = setting(['wikitext', 'squad', 'gsm8k', 'nq_open'], "prompt sources mixed round-robin (name one twice to draw it twice as often)", choices=TASK_CHOICES)
     workers: int = setting(1, "parallel self-play processes", unit='processes', lo=1, hi=1024)
     backend: str = setting('local', "where workers run: local processes or Ray actors ([distributed] extra)", choices=['local', 'ray'])
     seed: int = setting(0, "self-play seed", lo=0, hi=2**32 - 1)
@@ -205,7 +218,7 @@ class SelfPlayConfig:
 class EvaluateConfig:
     "The fixed benchmark suite and the statistics on it."
     suite_path: Optional[str] = setting(None, "benchmark suite JSON; null = the default suite built from data/")
-    tasks: list = setting(['squad', 'gsm8k', 'nq_open', 'wikitext'], "tasks in the default suite")
+    tasks: list = setting(['squad', 'gsm8k', 'nq_open', 'wikitext'], "tasks in the default suite", choices=TASK_CHOICES, unique=True)
     per_task: int = setting(8, "items per task in the default suite", unit='items', lo=1, hi=100000)
     token_budget: int = setting(64, "tokens every controller and baseline may spend per item (equal budget)", unit='tokens', lo=1, hi=32768)
     bootstrap: int = setting(2000, "paired bootstrap resamples", unit='resamples', lo=100, hi=10**7)
@@ -282,16 +295,25 @@ def _base_type(tp):
 
 def _describe(f:dataclasses.Field) -> str:
     md = f.metadata
-    rng = f"one of {list(md['choices'])}" if md.get('choices') else (
-        f"in [{md['lo']}, {md['hi']}]" if md.get('lo') is not None else '')
+    items = _base_type(f.type)[0] is list
+    rng = f"{'a list of items from' if items else 'one of'} {list(md['choices'])}{', each at most once' if md.get('unique') else ''}" if md.get('choices') else (
+        f"in [{md['lo']}, {md['hi']}]" if md.get('lo') is not None else f"matching {md['pattern']}" if md.get('pattern') else '')
     unit = f" ({md['unit']})" if md.get('unit') else ''
     return f"{md.get('help', '')}{unit}" + (f"; allowed: {rng}" if rng else '')
+
+def _fix_example(key:str, f:dataclasses.Field) -> str:
+    "A `--set` of `key` that loads: its default, shell-quoted, or a placeholder when the default does not fit a command line."
+    d = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    s = 'null' if d is None else str(d).lower() if isinstance(d, bool) else '[' + ','.join(map(str, d)) + ']' if isinstance(d, list) else str(d)
+    if not s or len(s) > 40 or any(c.isspace() for c in s): return f"--set {key}=<value>"
+    return f"--set {shlex.quote(f'{key}={s}')} (the default)"
 
 def _check_value(key:str, f:dataclasses.Field, v):
     "Return `v` converted to `f`'s type, or raise `ConfigError` naming `key`, `v` and the allowed values."
     tp, optional = _base_type(f.type)
+    md = f.metadata
     def bad(why): raise ConfigError(f"config key '{key}' = {v!r} {why}. Allowed: {_describe(f)}. "
-                                    f"Fix it in your YAML file or override it, e.g. --set {key}=<value>.")
+                                    f"Fix it in your YAML file or override it, e.g. {_fix_example(key, f)}.")
     if v is None:
         if optional: return None
         bad("must not be null")
@@ -304,10 +326,19 @@ def _check_value(key:str, f:dataclasses.Field, v):
         v = float(v)
     elif tp is str:
         if not isinstance(v, str): bad("must be a string")
+        if not v.strip() and not md.get('empty'): bad("must not be empty" + ("; write null for none" if optional else ""))
+        if md.get('pattern') and not re.fullmatch(md['pattern'], v): bad(f"does not match {md['pattern']}")
     elif tp is list:
-        if not isinstance(v, (list, tuple)): bad("must be a list")
-        v = list(v)
-    md = f.metadata
+        if not isinstance(v, (list, tuple)): bad("must be a list, written [a, b]")
+        v, noun = list(v), key.rsplit('.', 1)[-1].removesuffix('s')  # 'selfplay.tasks' -> 'task'
+        if not v and not md.get('empty'): bad(f"must name at least one {noun}")
+        if md.get('choices'):
+            wrong = [x for x in v if x not in md['choices']]
+            if wrong: bad(f"has unknown {noun}(s) {wrong}")
+        if md.get('unique'):
+            twice = [x for i, x in enumerate(v) if x in v[:i]]
+            if twice: bad(f"names {noun}(s) {twice} more than once")
+        return v
     if md.get('choices') and v not in md['choices']: bad(f"is not one of {list(md['choices'])}")
     if md.get('lo') is not None and not (md['lo'] <= v <= md['hi']): bad(f"is out of range [{md['lo']}, {md['hi']}]")
     return v
@@ -334,6 +365,54 @@ def _build(cls, d:dict, prefix:str=''):
         else: kw[k] = _check_value(prefix + k, f, v)
     return cls(**kw)
 
+# %% ../nbs/00_config.ipynb #7689b5a4
+class _ConfigLoader(yaml.SafeLoader):
+    "PyYAML's safe loader that also reads `1e-3` and `1.0e5` (exponent numbers without a dot or sign) as floats."
+
+_ConfigLoader.add_implicit_resolver('tag:yaml.org,2002:float', re.compile(r'^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$'),
+                                    list('-+.0123456789'))
+
+# %% ../nbs/00_config.ipynb #63ea3902
+def _duplicate_key(node, prefix:str='', seen:set|None=None):
+    "The first key written twice in a mapping under YAML `node`: (dotted key, (line, value), (line, value)), or None."
+    seen = set() if seen is None else seen
+    if id(node) in seen: return None  # an alias points back to a node already walked
+    seen.add(id(node))
+    show = lambda n: n.value if isinstance(n, yaml.ScalarNode) else 'a mapping' if isinstance(n, yaml.MappingNode) else 'a list'
+    if isinstance(node, yaml.MappingNode):
+        first = {}
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode) or k.tag == 'tag:yaml.org,2002:merge': continue
+            if k.value in first:
+                k0, v0 = first[k.value]
+                return f"{prefix}{k.value}", (k0.start_mark.line + 1, show(v0)), (k.start_mark.line + 1, show(v))
+            first[k.value] = (k, v)
+        kids = [(f"{prefix}{k.value}.", v) for k, v in node.value if isinstance(k, yaml.ScalarNode)]
+    elif isinstance(node, yaml.SequenceNode): kids = [(f"{prefix}{i}.", v) for i, v in enumerate(node.value)]
+    else: kids = []
+    for p, v in kids:
+        if (dup := _duplicate_key(v, p, seen)): return dup
+    return None
+
+# %% ../nbs/00_config.ipynb #58d35a52
+def _parse_yaml(text:str, # YAML text of a config file or of one override value
+                where:str, # how errors name the source, e.g. "config file 'my.yaml'"
+               ):
+    "Parse config YAML `text`; a duplicate key or bad syntax is a `ConfigError` naming `where`, the line and the fix."
+    try:
+        dup = _duplicate_key(yaml.compose(text, Loader=_ConfigLoader))
+        if dup:
+            key, (l1, v1), (l2, v2) = dup
+            raise ConfigError(f"{where} sets '{key}' twice: line {l1} ({v1}) and line {l2} ({v2}); YAML would silently keep the "
+                              f"last one. Delete the line you do not mean.")
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as e:
+        m = getattr(e, 'problem_mark', None)
+        at = f" at line {m.line + 1}, column {m.column + 1}" if m else ''
+        why = ' '.join(f"{getattr(e, 'problem', None) or e}".split()) + (f" ({' '.join(e.context.split())})" if getattr(e, 'context', None) else '')
+        raise ConfigError(f"{where} is not valid YAML{at}: {why}. Fix the syntax there: indent with spaces (not tabs), "
+                          f"close every bracket and quote, write one `key: value` per line.") from None
+
 # %% ../nbs/00_config.ipynb #9e65f5a9
 def config_to_dict(cfg) -> dict:
     "Plain nested dict of a config (or section)."
@@ -359,11 +438,7 @@ def parse_overrides(overrides) -> dict:
     for o in overrides:
         if '=' not in o: raise ConfigError(f"override {o!r} must look like key=value, e.g. mcts.n_sims=32.")
         k, v = o.split('=', 1)
-        val = yaml.safe_load(v) if v.strip() else ''
-        if isinstance(val, str):  # YAML 1.1 reads '3e-3' as a string: accept plain scientific notation as a number
-            try: val = float(val) if any(c in val.lower() for c in 'e.') and val.strip().lower() not in ('.inf', '.nan') else val
-            except ValueError: pass
-        out[k.strip()] = val
+        out[k.strip()] = _parse_yaml(v, f"override {o!r}") if v.strip() else ''
     return out
 
 # %% ../nbs/00_config.ipynb #45933ff2
@@ -374,9 +449,12 @@ def load_config(path:str|Path|None=None, # YAML file; None = built-in defaults (
     d = {}
     if path is not None:
         path = Path(path)
-        if not path.exists(): raise ConfigError(f"config file {str(path)!r} does not exist. Pass an existing YAML file, or none for the defaults.")
-        try: d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e: raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        where = f"config file {str(path)!r}"
+        if not path.exists(): raise ConfigError(f"{where} does not exist. Pass an existing YAML file, or none for the defaults.")
+        try: text = path.read_text(encoding='utf-8')
+        except UnicodeDecodeError as e: raise ConfigError(f"{where} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start+1]!r}). Save it as UTF-8.") from None
+        except OSError as e: raise ConfigError(f"{where} cannot be read ({e.strerror}). Pass a readable YAML file.") from None
+        d = _parse_yaml(text, where) or {}
         if not isinstance(d, dict): raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(d).__name__}.")
     for k, v in parse_overrides(overrides).items(): _apply_override(d, k, v)
     return _build(Config, d)
@@ -434,14 +512,49 @@ def replace_config(cfg:Config, overrides:list|dict) -> Config:
     for k, v in parse_overrides(overrides).items(): _apply_override(d, k, v)
     return _build(Config, d)
 
+# %% ../nbs/00_config.ipynb #a0ec72f0
+FILE_MODE = 0o666  # mode of every file written, before the umask is taken off (as `open` does)
+DIR_MODE = 0o777   # mode of every folder made, before the umask is taken off (as `mkdir` does)
+
+# %% ../nbs/00_config.ipynb #b6f6e8f2
+def current_umask() -> int:
+    "The process umask, read from /proc where it exists (no change even for a moment), else by setting and restoring it."
+    with contextlib.suppress(OSError, ValueError):
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'): return int(line.split()[1], 8)
+    m = os.umask(0o022); os.umask(m)
+    return m
+
+# %% ../nbs/00_config.ipynb #a63a0640
+def apply_mode(path:str|Path) -> Path:
+    "Give `path` the policy mode: `DIR_MODE` for a folder, `FILE_MODE` for a file, minus the process umask."
+    path = Path(path)
+    os.chmod(path, (DIR_MODE if path.is_dir() else FILE_MODE) & ~current_umask())
+    return path
+
+# %% ../nbs/00_config.ipynb #37e41d5d
+def make_dir(path:str|Path) -> Path:
+    "Create folder `path` and its missing parents with the policy mode; an existing folder is left as it is."
+    path = Path(path); path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    return path
+
+# %% ../nbs/00_config.ipynb #29583540
+def make_temp_dir(parent:str|Path, # folder to create it in (made if missing)
+                  prefix:str='.tmp.', # start of its random name
+                 ) -> Path:
+    "A new, uniquely named folder in `parent` with the policy mode (`tempfile.mkdtemp` gives 0700), to fill and `os.replace` into place."
+    return apply_mode(tempfile.mkdtemp(dir=make_dir(parent), prefix=prefix))
+
 # %% ../nbs/00_config.ipynb #e41bb605
 def atomic_write(path:str|Path, # file to (over)write
                  write:Callable[[Path], Any]) -> Path: # fills the temp file it is given (`torch.save`, `fig.savefig`, ...)
-    "Write `path` atomically: `write(tmp)` fills a temp file in the same directory, which is fsynced, then renamed over `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    "Write `path` atomically: `write(tmp)` fills a temp file in the same directory, which gets the policy mode and is fsynced, then renamed over `path`."
+    path = Path(path); make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
     try:
         write(Path(tmp))
+        with contextlib.suppress(PermissionError, NotImplementedError): apply_mode(tmp)  # mkstemp made it 0600; a filesystem without modes keeps its own
         with open(tmp, 'rb') as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -463,3 +576,22 @@ def sha256_file(path:str|Path) -> str:
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
     return h.hexdigest()
+
+# %% ../nbs/00_config.ipynb #6b95b74f
+def _jsonable(o):
+    "`o` with NaN/inf floats as None, tuples as lists and numpy scalars as Python numbers, so the JSON is strict."
+    if isinstance(o, float) and not math.isfinite(o): return None
+    if isinstance(o, dict): return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [_jsonable(v) for v in o]
+    np = sys.modules.get('numpy')  # a numpy scalar exists only if numpy was imported; config itself never imports it
+    if np is not None and isinstance(o, np.generic): return _jsonable(o.item())
+    return o
+
+# %% ../nbs/00_config.ipynb #52212ac2
+def atomic_write_json(path:str|Path, # file to (over)write
+                      obj, # JSON-able data: dicts, lists, str, numbers, bools, None, numpy scalars
+                      **json_kw, # `json.dumps` arguments replacing indent=1, ensure_ascii=False, sort_keys=False, allow_nan=False
+                     ) -> Path:
+    "Write `obj` as strict, indented UTF-8 JSON with a trailing newline to `path` atomically."
+    kw = dict(indent=1, ensure_ascii=False, sort_keys=False, allow_nan=False) | json_kw
+    return atomic_write_text(path, json.dumps(_jsonable(obj), **kw) + '\n')

@@ -10,22 +10,21 @@ import logging, math, time
 from dataclasses import dataclass, field, asdict
 from typing import Callable, Optional, Sequence
 import numpy as np
+from fastcore.basics import patch
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from .config import Config, ConfigError, config_hash, load_config
-from .slm import encode_prompt, model_fingerprint
+from .slm import encode_prompt, load_slm, model_fingerprint
 from .features import (FEATURE_SCALARS, N_SCALARS, RunningStats, assemble_features, cosine_drift,
                                           feature_dim, feature_names, feature_summary, get_embedder, logit_stats, strip_thoughts)
 from .macro_actions import (ACTION_NAMES, N_ACTIONS, Action, MacroActionError, MacroState, Plan,
-                                               apply_plan, check_action, legal_mask, plan_action)
+                                               apply_plan, check_action, plan_action)
+from .macro_actions import legal_mask as macro_legal_mask
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'BASELINES', 'Segment', 'GenState', 'GenerationResult', 'Engine', 'new_states', 'new_state', 'legal_mask',
-           'is_done', 'tokens_spent', 'visible_ids', 'features_batch', 'features', 'signals', 'step_batch', 'step',
-           'fork', 'expand', 'decisions', 'thought_spans', 'trace', 'result', 'Controller', 'GreedyBaseline',
-           'SamplingBaseline', 'BestOfN', 'ThresholdController', 'make_controller', 'get_engine', 'generate_text']
+__all__ = ['log', 'Segment', 'GenState', 'GenerationResult', 'Engine', 'get_engine']
 
 # %% ../nbs/04_engine.ipynb #2c0574b0
 class _BufferLayer(CacheLayerMixin):
@@ -53,7 +52,7 @@ class _BufferCache(Cache):
 class Segment:
     "An immutable span of tokens with its K/V and the running statistics at its end; `parent` links to the prefix."
     __slots__ = ('parent', 'ids', 'kv', 'kind', 'start', 'end', 'logits', 'entropy', 'varentropy', 'logit_gap', 'stats',
-                 'hsum', 'hsum_vis', 'n_vis', 'lp_sum', 'lp_n', 'ms', '_gen_ids')
+                 'hsum', 'hsum_vis', 'n_vis', 'lp_sum', 'lp_n', 'ms', '_gen_ids', 'drift')
     def __init__(self, parent, ids, kv, kind, logits, ls, stats, hsum, hsum_vis, n_vis, lp_sum, lp_n, ms):
         self.parent, self.ids, self.kv, self.kind = parent, ids, kv, kind
         self.start = parent.end if parent is not None else 0
@@ -62,6 +61,7 @@ class Segment:
         self.entropy, self.varentropy, self.logit_gap = ls
         self.stats, self.hsum, self.hsum_vis, self.n_vis = stats, hsum, hsum_vis, n_vis
         self.lp_sum, self.lp_n, self.ms, self._gen_ids = lp_sum, lp_n, ms, None
+        self.drift = None  # topic drift of the visible text up to here, computed on demand (`Engine._drifts`)
 
     def chain(self) -> list['Segment']:
         "Segments from the prompt to this one."
@@ -159,6 +159,8 @@ def _causal_pad_mask(offsets:list[int], n:int, dtype, neg, device) -> torch.Tens
         if off: m[b, :, :, :off] = neg
     return m
 
+# %% ../nbs/04_engine.ipynb #4ce734cb
+@patch
 @torch.inference_mode()
 def _next_stats(self:Engine, logits:torch.Tensor):
     "Suppress the thought tokens (only actions emit them), then entropy, varentropy, gap and log-probs, as floats."
@@ -166,8 +168,9 @@ def _next_stats(self:Engine, logits:torch.Tensor):
     x.index_fill_(-1, self.suppress, -float('inf'))
     st = logit_stats(x)
     return x, torch.log_softmax(x, -1), st
-Engine._next_stats = _next_stats
 
+# %% ../nbs/04_engine.ipynb #c69909c7
+@patch
 @torch.inference_mode()
 def new_states(self:Engine, prompts:Sequence[str], max_new_tokens:Optional[int]=None, seed:int|Sequence[int]=0,
                temperature:Optional[float]=None, top_p:Optional[float]=None, top_k:Optional[int]=None) -> list[GenState]:
@@ -181,8 +184,9 @@ def new_states(self:Engine, prompts:Sequence[str], max_new_tokens:Optional[int]=
         out += self._prefill(prompts[i:i + self.cfg.engine.batch_size], budget, seeds[i:i + self.cfg.engine.batch_size],
                              temperature, top_p, top_k)
     return out
-Engine.new_states = new_states
 
+# %% ../nbs/04_engine.ipynb #e111775a
+@patch
 def _prefill(self:Engine, prompts, budget, seeds, temperature, top_p, top_k):
     t0 = time.perf_counter()
     ids = [encode_prompt(self.tok, p, self.cfg) for p in prompts]
@@ -216,33 +220,39 @@ def _prefill(self:Engine, prompts, budget, seeds, temperature, top_p, top_k):
         s.t0, s.t_done = t0, None
         states.append(s)
     return states
-Engine._prefill = _prefill
 
+# %% ../nbs/04_engine.ipynb #c5489519
+@patch
 def new_state(self:Engine, prompt:str, max_new_tokens:Optional[int]=None, seed:int=0, **kw) -> GenState:
     "Prefill one prompt: a fresh `GenState` with `max_new_tokens` of budget (default `macro.max_new_tokens`)."
     return self.new_states([prompt], max_new_tokens, seed, **kw)[0]
-Engine.new_state = new_state
 
 # %% ../nbs/04_engine.ipynb #683183d5
+@patch
 def legal_mask(self:Engine, s:GenState) -> np.ndarray:
     "Boolean mask over actions legal in `s`."
-    return legal_mask_ms(s.ms, self.cfg.macro)
+    return macro_legal_mask(s.ms, self.cfg.macro)
+
+# %% ../nbs/04_engine.ipynb #dccd07c2
+@patch
 def is_done(self:Engine, s:GenState) -> bool: return s.ms.done
+
+# %% ../nbs/04_engine.ipynb #a8c7e28b
+@patch
 def tokens_spent(self:Engine, s:GenState) -> int:
     "Every token forwarded for this state: kept, resampled-away and thought tokens."
     return s.ms.spent
-Engine.legal_mask, Engine.is_done, Engine.tokens_spent = legal_mask, is_done, tokens_spent
 
 # %% ../nbs/04_engine.ipynb #5e9aff1c
-from .macro_actions import legal_mask as legal_mask_ms
-
+@patch
 def visible_ids(self:Engine, tip:Segment) -> list[int]:
     "Generated ids outside thoughts, without end-of-sequence tokens."
     return [t for t in strip_thoughts(tip.gen_ids(), self.open_id, self.close_id) if t not in self.eos_ids]
-Engine.visible_ids = visible_ids
 
-def _drifts(self:Engine, items) -> list[float]:
-    "Drift of each (tip, root, prompt) item, batched."
+# %% ../nbs/04_engine.ipynb #5d2026ff
+@patch
+def _embed_drifts(self:Engine, items) -> list[float]:
+    "Drift of each (tip, root, prompt) item, embedded in one batch."
     if self.cfg.features.drift_embedder == 'slm':
         out = []
         for tip, root, _ in items:
@@ -257,27 +267,42 @@ def _drifts(self:Engine, items) -> list[float]:
         P = {p: E[len(need) + j] for j, p in enumerate(sorted({items[i][2] for i in need}))}
         for j, i in enumerate(need): out[i] = cosine_drift(E[j], P[items[i][2]])
     return out
-Engine._drifts = _drifts
 
-def _vectors(self:Engine, items) -> np.ndarray:
-    "Feature vectors of (tip, ms, root, prompt) items."
-    drifts = self._drifts([(t, r, p) for t, _, r, p in items])
+# %% ../nbs/04_engine.ipynb #06858ac2
+@patch
+def _drifts(self:Engine, items, compute:bool=True) -> list[float]:
+    "Drift of each (tip, root, prompt) item, cached on the tip; the missing ones embedded in one batch (NaN when not `compute`)."
+    todo = [i for i, (tip, _, _) in enumerate(items) if tip.drift is None]
+    if todo and (compute or self.cfg.features.drift_embedder == 'slm'):  # pooled SLM states cost nothing to compare
+        for i, d in zip(todo, self._embed_drifts([items[i] for i in todo])): items[i][0].drift = d
+    return [tip.drift if tip.drift is not None else math.nan for tip, _, _ in items]
+
+# %% ../nbs/04_engine.ipynb #f1418059
+@patch
+def _vectors(self:Engine, items, drift:bool=True) -> np.ndarray:
+    "Feature vectors of (tip, ms, root, prompt) items (drift NaN where not computed, unless `drift`)."
+    drifts = self._drifts([(t, r, p) for t, _, r, p in items], drift)
     rows = []
     for (tip, ms, root, _), d in zip(items, drifts):
         z = tip.stats.zscore(tip.entropy, self.cfg.features.zscore_min_std)
         rows.append(assemble_features(tip.entropy, tip.logit_gap, z, d, ms.spent / ms.budget, ms.in_thought,
                                       (tip.hsum / tip.end).numpy()))
     return np.stack(rows) if rows else np.zeros((0, self.feature_dim), np.float32)
-Engine._vectors = _vectors
 
+# %% ../nbs/04_engine.ipynb #a2c57a33
+@patch
 def features_batch(self:Engine, states:Sequence[GenState]) -> np.ndarray:
     "Feature vectors [len(states), feature_dim] (float32), drift embedded in one batch."
     return self._vectors([(s.tip, s.ms, s.root, s.prompt) for s in states])
 
+# %% ../nbs/04_engine.ipynb #0384dc38
+@patch
 def features(self:Engine, s:GenState) -> np.ndarray:
     "The float32 state vector of `s` in `engine.feature_names` order."
     return self.features_batch([s])[0]
 
+# %% ../nbs/04_engine.ipynb #8b4b0d77
+@patch
 def signals(self:Engine, s:GenState) -> dict:
     "Cheap named signals for hand-written controllers (no drift): entropy, varentropy, gap, z-score and counters."
     t, m = s.tip, s.ms
@@ -287,6 +312,8 @@ def signals(self:Engine, s:GenState) -> dict:
                 last=m.last, spent=m.spent, left=m.left, chunk_entropy_z=self._chunk_z(t),
                 chunk_hidden=bool(t.kind == 'chunk' and t.parent.ms.in_thought))
 
+# %% ../nbs/04_engine.ipynb #f2ba69e6
+@patch
 def _chunk_z(self:Engine, t:Segment) -> float:
     "z-score of the last chunk's mean token entropy against every entropy before it (standard error of a mean); 0 without a chunk or history."
     if t.kind != 'chunk' or t.parent is None: return 0.0
@@ -295,8 +322,6 @@ def _chunk_z(self:Engine, t:Segment) -> float:
     tot = t.stats.n * t.stats.mean - ref.n * ref.mean  # entropies after each chunk token
     mean = (t.parent.entropy + tot - t.entropy) / n  # entropies of the distributions the chunk's tokens were drawn from
     return (mean - ref.mean) / (max(ref.std, self.cfg.features.zscore_min_std) / math.sqrt(n))
-Engine._chunk_z = _chunk_z
-Engine.features_batch, Engine.features, Engine.signals = features_batch, features, signals
 
 # %% ../nbs/04_engine.ipynb #2d3a846f
 @dataclass
@@ -330,6 +355,7 @@ class _Row:
         return 'end', None
 
 # %% ../nbs/04_engine.ipynb #c2008224
+@patch
 @torch.inference_mode()
 def _sample(self:Engine, x:torch.Tensor, rows:list[_Row]) -> list[int]:
     "Sample one token per row of suppressed float logits `x` with each row's temperature / top-k / top-p and generator."
@@ -348,9 +374,9 @@ def _sample(self:Engine, x:torch.Tensor, rows:list[_Row]) -> list[int]:
     u = torch.cat([torch.rand(1, generator=r.state.gen) for r in rows]).to(x.dtype) * cum[:, -1]
     j = torch.searchsorted(cum, u.unsqueeze(1)).clamp_max(x.shape[1] - 1)
     return idx.gather(1, j).squeeze(1).tolist()
-Engine._sample = _sample
 
 # %% ../nbs/04_engine.ipynb #e989e02a
+@patch
 @torch.inference_mode()
 def _run(self:Engine, rows:list[_Row]) -> None:
     "Decode the plans of `rows` together: assemble the batched buffer once, one forward per token, cut out new segments."
@@ -419,9 +445,9 @@ def _run(self:Engine, rows:list[_Row]) -> None:
                         pre.stats.extend(r.ent), pre.hsum + r.hsum, pre.hsum_vis + r.hvis, pre.n_vis + r.n_vis,
                         pre.lp_sum + r.lp_sum, pre.lp_n + r.lp_n, ms)
     self.counters['chunks'] += 1
-Engine._run = _run
 
 # %% ../nbs/04_engine.ipynb #8face57c
+@patch
 def step_batch(self:Engine, states:Sequence[GenState], actions:Sequence) -> Sequence[GenState]:
     "Apply one action per state (in place), decoding all of them together; returns `states`."
     if len(states) != len(actions): raise ValueError(f"{len(states)} states but {len(actions)} actions")
@@ -445,10 +471,14 @@ def step_batch(self:Engine, states:Sequence[GenState], actions:Sequence) -> Sequ
         if log.isEnabledFor(logging.DEBUG): log.debug("%s", self._describe(s.last))
     return states
 
+# %% ../nbs/04_engine.ipynb #4ae9ad86
+@patch
 def step(self:Engine, s:GenState, action) -> GenState:
     "Apply `action` to `s` in place (raises `MacroActionError` if illegal); returns `s`."
     return self.step_batch([s], [action])[0]
 
+# %% ../nbs/04_engine.ipynb #63fed300
+@patch
 def fork(self:Engine, s:GenState, seed:Optional[int]=None) -> GenState:
     "An independent copy of `s` sharing its KV segments (O(1)); same RNG state, or re-seeded with `seed`."
     c = GenState()
@@ -457,13 +487,15 @@ def fork(self:Engine, s:GenState, seed:Optional[int]=None) -> GenState:
     else: c.seed, c.gen = int(seed), torch.Generator().manual_seed(int(seed))
     return c
 
+# %% ../nbs/04_engine.ipynb #e0bb9607
+@patch
 def expand(self:Engine, parents:Sequence[GenState], actions:Sequence) -> list[GenState]:
     "New child states, one per (parent, action), parents untouched; one batched decode for all (the MCTS `env.expand`)."
     kids = [self.fork(p) for p in parents]
     return list(self.step_batch(kids, actions))
-Engine.step_batch, Engine.step, Engine.fork, Engine.expand = step_batch, step, fork, expand
 
 # %% ../nbs/04_engine.ipynb #c4c5e667
+@patch
 def _chunk_text(self:Engine, d:_Decision, include_thoughts:bool=False) -> str:
     "Text a decision added; thought content and thought tokens are redacted unless `include_thoughts`."
     if d.post_tip is d.pre_tip: return ''
@@ -471,21 +503,24 @@ def _chunk_text(self:Engine, d:_Decision, include_thoughts:bool=False) -> str:
     secret = d.action in (Action.THINK_BEGIN, Action.THINK_END) or (d.post_tip.kind == 'chunk' and d.post_tip.parent.ms.in_thought)
     if secret and not include_thoughts: return '[thought redacted]'
     return self.tok.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=not include_thoughts)
-Engine._chunk_text = _chunk_text
 
+# %% ../nbs/04_engine.ipynb #3326cae7
+@patch
 def _describe(self:Engine, d:_Decision) -> str:
     "One log line for a decision: never thought text or thought tokens."
     return (f"step {d.step} {d.action.name} tokens={d.post_ms.spent}/{d.post_ms.budget} (+{d.post_ms.spent - d.pre_ms.spent})"
             f"{' done=' + d.post_ms.reason if d.post_ms.done else ''} chunk={self._chunk_text(d)!r}")
-Engine._describe = _describe
 
 # %% ../nbs/04_engine.ipynb #774d84e8
+@patch
 def decisions(self:Engine, s:GenState) -> list[_Decision]:
     "The decisions of `s`, first to last."
     out, d = [], s.last
     while d is not None: out.append(d); d = d.parent
     return out[::-1]
 
+# %% ../nbs/04_engine.ipynb #18098faa
+@patch
 def thought_spans(self:Engine, tip:Segment) -> list[list[int]]:
     "Token ids inside each thought span of the kept sequence (thought tokens excluded; an unclosed span included)."
     spans, cur = [], None
@@ -498,190 +533,49 @@ def thought_spans(self:Engine, tip:Segment) -> list[list[int]]:
     if cur is not None: spans.append(cur)
     return spans
 
+# %% ../nbs/04_engine.ipynb #bad4b4ff
+@patch
 def trace(self:Engine, s:GenState, include_thoughts:bool=False, # show thought chunks instead of redacting them
           notes:Optional[dict]=None, # {step: {key: value}} extra fields a controller attaches (e.g. why it acted)
+          drift:bool=False, # embed the topic drift of decisions whose drift nobody computed yet (None in the trace otherwise)
          ) -> list[dict]:
     "One JSON-serialisable dict per decision of `s`: step, action, tokens added, spent so far, chunk text and features."
     ds = self.decisions(s)
-    feats = self._vectors([(d.pre_tip, d.pre_ms, s.root, s.prompt) for d in ds])
+    feats = self._vectors([(d.pre_tip, d.pre_ms, s.root, s.prompt) for d in ds], drift)
     out = []
     for d, f in zip(ds, feats):
         e = dict(step=d.step, action=d.action.name, tokens=d.post_ms.spent - d.pre_ms.spent, spent=d.post_ms.spent,
                  kept=d.post_ms.kept, chunk=self._chunk_text(d, include_thoughts), features=feature_summary(f))
+        if math.isnan(e['features']['drift']): e['features']['drift'] = None  # not computed: nobody asked for it
         if d.post_ms.done: e['done'] = d.post_ms.reason
         if notes and d.step in notes: e.update(notes[d.step])
         out.append(e)
     return out
-Engine.decisions, Engine.thought_spans, Engine.trace = decisions, thought_spans, trace
 
 # %% ../nbs/04_engine.ipynb #e8ae8a81
+@patch
 def result(self:Engine, s:GenState, include_thoughts:bool=False, # also return the thought text and unredacted thought chunks
            notes:Optional[dict]=None, # {step: {key: value}} extra trace fields from the controller
+           drift:bool=False, # embed every decision's topic drift for the trace (see `trace`)
           ) -> GenerationResult:
     "The `GenerationResult` of `s`: visible text, macro trace, tokens spent, latency since the prefill, metadata."
     tip, ms = s.tip, s.ms
     text = self.tok.decode(self.visible_ids(tip), skip_special_tokens=True)
     thought = ('\n'.join(self.tok.decode(x, skip_special_tokens=True) for x in self.thought_spans(tip))
                if include_thoughts else None)
-    tr = self.trace(s, include_thoughts, notes)
+    tr = self.trace(s, include_thoughts, notes, drift)
     meta = dict(slm_fingerprint=self.fingerprint, config_hash=self.config_hash, seed=s.seed,
                 stop=ms.reason if ms.done else None, unclosed_thought=bool(ms.in_thought),
                 resamples=sum(e['action'] == 'RESAMPLE' for e in tr), thoughts=ms.n_thoughts, kept_tokens=ms.kept,
                 budget=ms.budget, prompt_tokens=s.root.end, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
     latency = ((s.t_done if s.t_done is not None else time.perf_counter()) - s.t0) * 1000
     return GenerationResult(text, tr, ms.spent, round(latency, 3), thought, meta)
-Engine.result = result
 
-# %% ../nbs/04_engine.ipynb #ea786062
-def _budget(engine:Engine, max_new_tokens) -> int:
-    "The total token budget: `max_new_tokens`, or `macro.max_new_tokens` when None."
-    b = engine.cfg.macro.max_new_tokens if max_new_tokens is None else max_new_tokens
-    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int (the total token budget, thoughts and resamples included).")
-    return int(b)
-
-class Controller:
-    "A training-free controller: `decide` picks one macro-action per decision point, `generate` runs the episode."
-    name, version = 'controller', None
-    def __init__(self, cfg:Config|None=None): self.cfg = cfg or load_config()
-    def __repr__(self): return f"{type(self).__name__}(name={self.name!r})"
-    def sampling(self) -> dict:
-        "Sampling settings of CONTINUE for `new_state` (empty = the engine's `macro` section)."
-        return {}
-    def decide(self, engine:Engine, s:GenState) -> tuple:
-        "(action, why or None) for state `s`."
-        raise NotImplementedError(f"{type(self).__name__} must implement decide(engine, state)")
-
-    def generate(self, engine:Engine, prompt:str, max_new_tokens:Optional[int]=None, seed:int=0,
-                 include_thoughts:bool=False, item:Optional[dict]=None) -> GenerationResult:
-        "Generate an answer to `prompt` spending at most `max_new_tokens` tokens in total."
-        t0 = time.perf_counter()
-        s = engine.new_state(prompt, _budget(engine, max_new_tokens), seed=seed, **self.sampling())
-        notes = {}
-        while not engine.is_done(s):
-            a, why = self.decide(engine, s)
-            engine.step(s, a)
-            if why: notes[s.last.step] = {'why': why}
-        r = engine.result(s, include_thoughts, notes)
-        r.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
-        r.meta['controller'] = self.name
-        return r
-
-class GreedyBaseline(Controller):
-    "CONTINUE greedily until end-of-sequence or the budget: plain decoding."
-    name = 'greedy'
-    def sampling(self): return dict(temperature=0.0)
-    def decide(self, engine, s): return Action.CONTINUE, None
-
-class SamplingBaseline(Controller):
-    "CONTINUE with temperature / nucleus sampling (`baselines.sampling_temperature`, `baselines.sampling_top_p`)."
-    name = 'sampling'
-    def sampling(self):
-        b = self.cfg.baselines
-        return dict(temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
-    def decide(self, engine, s): return Action.CONTINUE, None
-
-# %% ../nbs/04_engine.ipynb #f5ccfded
-def _mean_logprob(tip:Segment) -> float: return tip.lp_sum / tip.lp_n if tip.lp_n else -math.inf
-
-class BestOfN(Controller):
-    "Sample N candidates at equal shares of the budget and return the best-scoring one."
-    name = 'best_of_n'
-    def __init__(self, cfg:Config|None=None, scorer:Optional[Callable]=None, # (text, item) -> float; None = `baselines.best_of_n_scorer`
-                 n:Optional[int]=None): # candidates; None = `baselines.best_of_n`
-        super().__init__(cfg)
-        self.n = self.cfg.baselines.best_of_n if n is None else int(n)
-        if self.n < 1: raise ValueError(f"best-of-N needs n >= 1 (got {self.n}); set baselines.best_of_n.")
-        self.scorer, self._reward = scorer, None
-
-    def _scores(self, engine, cands, texts, item) -> list[float]:
-        if self.scorer is not None: return [float(self.scorer(t, item)) for t in texts]
-        if self.cfg.baselines.best_of_n_scorer == 'reward':
-            if self._reward is None:
-                from research_controller.rewards import RewardCalculator
-                self._reward = RewardCalculator(self.cfg, engine.model, engine.tok)
-            return [float(self._reward(t, item, n_tokens=engine.tokens_spent(c), unclosed_thought=c.ms.in_thought).total)
-                    for t, c in zip(texts, cands)]
-        return [_mean_logprob(c.tip) for c in cands]
-
-    def generate(self, engine:Engine, prompt:str, max_new_tokens:Optional[int]=None, seed:int=0,
-                 include_thoughts:bool=False, item:Optional[dict]=None) -> GenerationResult:
-        "Generate N candidates with `max_new_tokens // N` tokens each; return the best with every candidate's cost."
-        t0 = time.perf_counter()
-        budget = _budget(engine, max_new_tokens)
-        n = min(self.n, budget)
-        per = budget // n
-        b = self.cfg.baselines
-        root = engine.new_state(prompt, per, seed=seed, temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
-        seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(n)]
-        cands = [engine.fork(root, seed=sd) for sd in seeds]
-        while True:
-            live = [c for c in cands if not engine.is_done(c)]
-            if not live: break
-            engine.step_batch(live, [Action.CONTINUE] * len(live))
-        texts = [engine.tok.decode(engine.visible_ids(c.tip), skip_special_tokens=True) for c in cands]
-        scores = self._scores(engine, cands, texts, item)
-        best = int(np.argmax(scores))
-        r = engine.result(cands[best], include_thoughts)
-        r.macro_trace = [dict(e, candidate=i) for i, c in enumerate(cands)
-                         for e in (r.macro_trace if i == best else engine.trace(c, include_thoughts))]
-        r.tokens = sum(engine.tokens_spent(c) for c in cands)
-        r.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
-        r.meta.update(controller=self.name, budget=budget, per_candidate_budget=per, chosen=best,
-                      scorer=getattr(self.scorer, '__name__', 'callback') if self.scorer else b.best_of_n_scorer,
-                      candidates=[dict(seed=sd, tokens=engine.tokens_spent(c), score=round(float(sc), 6), stop=c.ms.reason)
-                                  for sd, c, sc in zip(seeds, cands, scores)])
-        return r
-
-# %% ../nbs/04_engine.ipynb #6fd119b8
-class ThresholdController(Controller):
-    "Hand rules on entropy, varentropy and the chunk entropy z-score: think when unsure, resample surprising chunks."
-    name = 'threshold'
-    def __init__(self, cfg:Config|None=None, thought_tokens:Optional[int]=None, # longest thought; None = min(macro.max_thought_tokens, 2 chunks)
-                 max_thoughts:Optional[int]=None, # thoughts per episode; None = `baselines.threshold_max_thoughts`
-                 settle_entropy:Optional[float]=None, # close a thought early below this entropy; None = half the think threshold
-                 min_visible:Optional[int]=None): # visible tokens before a thought or resampled chunk; None = `baselines.threshold_min_visible_tokens`
-        super().__init__(cfg)
-        mc, b = self.cfg.macro, self.cfg.baselines
-        self.thought_tokens = min(mc.max_thought_tokens, 2 * mc.chunk_tokens) if thought_tokens is None else int(thought_tokens)
-        self.max_thoughts = b.threshold_max_thoughts if max_thoughts is None else int(max_thoughts)
-        self.settle_entropy = b.threshold_think_entropy / 2 if settle_entropy is None else float(settle_entropy)
-        self.min_visible = b.threshold_min_visible_tokens if min_visible is None else int(min_visible)
-
-    def decide(self, engine:Engine, s:GenState) -> tuple:
-        "(action, why) from the signals of `s`."
-        g, m, mc, b = engine.signals(s), engine.legal_mask(s), engine.cfg.macro, self.cfg.baselines
-        if g['in_thought']:
-            if not m[Action.CONTINUE]: return Action.THINK_END, "no budget left inside the thought"
-            if g['thought_len'] >= self.thought_tokens: return Action.THINK_END, f"thought reached {g['thought_len']} tokens"
-            if g['thought_len'] >= mc.chunk_tokens and g['entropy'] < self.settle_entropy:
-                return Action.THINK_END, f"settled: entropy {g['entropy']:.2f} < {self.settle_entropy:.2f}"
-            return Action.CONTINUE, None
-        z = g['chunk_entropy_z']
-        if (m[Action.RESAMPLE] and not g['chunk_hidden'] and z > b.threshold_resample_zscore and g['left'] > mc.chunk_tokens
-                and s.tip.parent.n_vis >= self.min_visible):  # n_vis: visible tokens up to a segment, kept by the engine
-            return Action.RESAMPLE, f"chunk entropy z {z:.2f} > {b.threshold_resample_zscore:.2f}"
-        if (m[Action.THINK_BEGIN] and g['n_thoughts'] < self.max_thoughts and g['last'] in ('prompt', 'chunk') and not g['chunk_hidden']
-                and g['entropy'] > b.threshold_think_entropy and g['varentropy'] > b.threshold_varentropy
-                and g['left'] >= self.thought_tokens + 2 + mc.chunk_tokens and s.tip.n_vis >= self.min_visible):
-            return Action.THINK_BEGIN, f"entropy {g['entropy']:.2f} > {b.threshold_think_entropy:.2f}, varentropy {g['varentropy']:.2f} > {b.threshold_varentropy:.2f}"
-        return Action.CONTINUE, None
-
-# %% ../nbs/04_engine.ipynb #7e52a9a4
-BASELINES = {'greedy': GreedyBaseline, 'sampling': SamplingBaseline, 'best_of_n': BestOfN, 'threshold': ThresholdController}
-
-def make_controller(name:str, cfg:Config|None=None, **kw) -> Controller:
-    "The training-free controller called `name` (a key of `BASELINES`), built with `cfg` and keyword options."
-    if name not in BASELINES:
-        raise ValueError(f"unknown controller {name!r}; training-free controllers are {sorted(BASELINES)} "
-                         f"(trained versions are resolved by promotion.resolve_controller).")
-    return BASELINES[name](cfg, **kw)
-
+# %% ../nbs/04_engine.ipynb #94170a13
 _ENGINES: dict = {}
 
 def get_engine(cfg:Config|None=None) -> Engine:
     "A cached `Engine` over `load_slm(cfg)`, one per configuration hash."
-    from research_controller.slm import load_slm
     cfg = cfg or load_config()
     key = config_hash(cfg)
     if key not in _ENGINES:
@@ -689,11 +583,3 @@ def get_engine(cfg:Config|None=None) -> Engine:
         while len(_ENGINES) >= 4: _ENGINES.pop(next(iter(_ENGINES)))
         _ENGINES[key] = Engine(model, tok, cfg)
     return _ENGINES[key]
-
-def generate_text(cfg:Config|None, prompt:str, controller:str='threshold', # a key of `BASELINES`
-                  max_new_tokens:Optional[int]=None, # total budget; None = macro.max_new_tokens
-                  seed:int=0, include_thoughts:bool=False) -> GenerationResult:
-    "Generate `prompt` on the configured SLM with a training-free controller (what `rc generate` calls)."
-    cfg = cfg or load_config()
-    ctl = make_controller(controller, cfg)
-    return ctl.generate(get_engine(cfg), prompt, max_new_tokens, seed=seed, include_thoughts=include_thoughts)
