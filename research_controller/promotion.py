@@ -6,7 +6,7 @@ Docs: https://research-controller.github.io/research_controller/promotion.html.m
 
 # %% ../nbs/14_promotion.ipynb #48b4cd25
 from __future__ import annotations
-import datetime, hashlib, json, math, os, re, shutil, tempfile, time
+import json, math, re, time, traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -14,15 +14,20 @@ from fastcore.basics import patch_to
 from filelock import FileLock, Timeout
 from .config import Config, EvaluateConfig, config_hash, config_to_dict, load_config, run_path, sha256_file
 from .config import atomic_write_json
-from .evaluate import Comparison, ItemRecord, SuiteError, SuiteResult, check_pair, compare
+from .network import load_checkpoint
+from .selfplay import run_selfplay
+from .train import open_buffer, train
+from .evaluate import Comparison, SuiteError, SuiteResult, check_pair, compare, evaluate_controllers, get_suite
 from .registry import ControllerRegistry, RegistryError, _now, version_name
 from .controllers import load_controller, resolve_controller
 
 # %% auto #0
-__all__ = ['CheckResult', 'PromotionCheck', 'PromotionContext', 'ComparableCheck', 'MinItemsCheck', 'RewardGainCheck',
-           'ErrorRateCheck', 'LatencyCheck', 'default_checks', 'PromotionDecision', 'PromotionPolicy', 'TrainingReport',
-           'make_report', 'write_report', 'load_reports', 'buffer_episode_ids', 'checkpoint_meta',
-           'OnlineLearningCoordinator', 'relabel_result', 'report_table', 'CycleOutcome', 'cycle']
+__all__ = ['CYCLE_STAGES', 'CheckResult', 'PromotionCheck', 'PromotionContext', 'ComparableCheck', 'MinItemsCheck',
+           'RewardGainCheck', 'ErrorRateCheck', 'LatencyCheck', 'default_checks', 'PromotionDecision',
+           'PromotionPolicy', 'TrainingReport', 'make_report', 'write_report', 'load_reports', 'buffer_episode_ids',
+           'checkpoint_meta', 'OnlineLearningCoordinator', 'relabel_result', 'CycleRun', 'find_trajectories',
+           'find_champion', 'train_challenger', 'benchmark', 'apply_policy', 'register_and_promote',
+           'write_cycle_report', 'report_table', 'CycleOutcome', 'cycle']
 
 # %% ../nbs/14_promotion.ipynb #db322566
 @dataclass
@@ -226,25 +231,20 @@ def buffer_episode_ids(buffer_path:str|Path) -> list:
     "Episode ids in a replay buffer, oldest first (`[]` when there is no buffer yet)."
     p = Path(buffer_path)
     if not (p/'header.json').exists(): return []
-    from research_controller.train import open_buffer
     with open_buffer(p) as buf: return [buf.episode_meta(s)['episode_id'] for s in buf.episode_serials()]
 
 def checkpoint_meta(path:str|Path) -> dict:
     "Registry metadata read from a network checkpoint: SLM fingerprint, feature dim, action names."
-    from research_controller.network import load_checkpoint
     _, info = load_checkpoint(path)
     return dict(slm_fingerprint=info['slm_fingerprint'], feature_dim=int(info['in_dim']), action_names=list(info['action_names']))
 
 def _default_selfplay(cfg, **kw):
-    from research_controller.selfplay import run_selfplay
     return run_selfplay(cfg, **kw)
 
 def _default_train(cfg, **kw):
-    from research_controller.train import train
     return train(cfg, **kw)
 
 def _default_evaluate(cfg, controllers, suite=None, progress=True):
-    from research_controller.evaluate import evaluate_controllers
     return evaluate_controllers(cfg, controllers, suite=suite, progress=progress)
 
 class OnlineLearningCoordinator:
@@ -333,7 +333,114 @@ def _bare_report(self, status:str, started:str, reasons:list, ids:list=(), champ
                           {'version': None}, {'accepted': False, 'reasons': list(reasons)}, None, None,
                           config_hash(self.cfg), dict(extra or {}), status, error)
 
-# %% ../nbs/14_promotion.ipynb #cd037c17
+# %% ../nbs/14_promotion.ipynb #b6dc0d21
+@dataclass
+class CycleRun:
+    "The working state of one `run_cycle`: its options, and what each stage found or made."
+    dry_run: bool
+    baseline_version: str|int|None
+    progress: bool
+    extra: dict
+    started: str = field(default_factory=lambda: _now())
+    t0: float = field(default_factory=time.perf_counter)
+    times: dict = field(default_factory=dict)
+    stage: str = 'starting'
+    ids: list = field(default_factory=list)
+    champion_version: str|None = None
+    init_checkpoint: Path|None = None
+    trained: Any = None
+    kept: SuiteResult|None = None
+    champion: SuiteResult|None = None
+    challenger: SuiteResult|None = None
+    decision: PromotionDecision|None = None
+    challenger_version: str|None = None
+    promoted: str|None = None
+
+# %% ../nbs/14_promotion.ipynb #71aaed65
+def find_trajectories(coord:OnlineLearningCoordinator, run:CycleRun) -> TrainingReport|None:
+    "Stage: the new trajectory ids, or a skip report when there are fewer than `promotion.min_new_trajectories`."
+    run.ids = coord.new_trajectories(coord.load_state()); need = coord.cfg.promotion.min_new_trajectories
+    if len(run.ids) < need:
+        return coord._bare_report('skipped', run.started, [f"SKIP {len(run.ids)} new trajectories in {str(coord.buffer_path)!r}, fewer than "
+                                                           f"promotion.min_new_trajectories = {need}; run self-play first."], run.ids)
+
+# %% ../nbs/14_promotion.ipynb #a02a93f1
+def find_champion(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
+    "Stage: the champion's version and its verified checkpoint (None for both before the first promotion)."
+    run.champion_version = version_name(run.baseline_version) if run.baseline_version is not None else coord.registry.active()
+    run.init_checkpoint = coord.registry.checkpoint(run.champion_version) if run.champion_version else None
+
+# %% ../nbs/14_promotion.ipynb #c15bc81d
+def train_challenger(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
+    "Stage: train a challenger checkpoint on the new trajectories (into its own cycle folder)."
+    t = time.perf_counter()
+    out = run_path(coord.cfg, coord.cfg.train.checkpoint_dir)/'cycles'/('cycle-' + re.sub(r'[^0-9T]', '', run.started)[:18])
+    run.trained = coord.train_fn(coord.cfg, buffer_path=coord.buffer_path, init_checkpoint=run.init_checkpoint, out_dir=out,
+                                 episode_ids=run.ids, resume=False, progress=run.progress)
+    run.times['train_s'] = time.perf_counter() - t
+
+# %% ../nbs/14_promotion.ipynb #803efc0a
+def benchmark(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
+    "Stage: the champion's and the challenger's `SuiteResult` on the suite (the champion's reused when stored)."
+    t = time.perf_counter()
+    if coord.suite is None: coord.suite = get_suite(coord.cfg)
+    key = run.champion_version or 'threshold'
+    run.kept = coord.stored_result(key, coord.suite.hash) if coord.reuse_results else None
+    ctls = ([] if run.kept else [coord.controller_fn(key)]) + [coord.controller_fn(Path(run.trained.checkpoint))]
+    out = coord.evaluate_fn(coord.cfg, ctls, suite=coord.suite, progress=run.progress)
+    run.challenger = out[-1]
+    run.champion = relabel_result(run.kept, 'threshold' if run.champion_version is None else 'policy', run.champion_version) if run.kept else out[0]
+    if not run.kept and not run.dry_run: coord.save_result(key, run.champion, coord.suite.hash)
+    run.times['evaluate_s'] = time.perf_counter() - t
+
+# %% ../nbs/14_promotion.ipynb #151f33f3
+def apply_policy(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
+    "Stage: the gate's decision, and the training facts the report records."
+    run.decision = coord.policy.evaluate(run.champion, run.challenger)
+    tr = run.trained
+    run.extra = dict(run.extra or {}, baseline_version=run.champion_version, challenger_checkpoint=str(tr.checkpoint),
+                     train_steps=getattr(tr, 'steps', None), final_loss=(tr.losses[-1] if getattr(tr, 'losses', None) else None),
+                     dry_run=run.dry_run, buffer_path=str(coord.buffer_path))
+
+# %% ../nbs/14_promotion.ipynb #1744d888
+def register_and_promote(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
+    "Stage: register the challenger, promote it when accepted, and record the used trajectories (nothing in a dry run)."
+    if run.dry_run: return
+    dec, champ_v, tr = run.decision, run.champion_version, run.trained
+    meta = dict(checkpoint_meta(tr.checkpoint), parent_version=champ_v, training_data_ids=list(run.ids), config=coord.cfg,
+                benchmark=run.challenger.summary(), notes=f"challenger of {champ_v or 'threshold'}: {'accepted' if dec.accepted else 'rejected'}")
+    run.challenger_version = v = coord.registry.register(tr.checkpoint, meta, who=coord.who)
+    coord.save_result(v, run.challenger, coord.suite.hash)
+    if dec.accepted:
+        run.stage = f'promoting {v}'
+        m = dec.metrics
+        coord.registry.promote(v, who=coord.who, decision=dec.to_dict(),
+                               why=f"beat {run.champion.label}: reward {m['reward_challenger']:.4f} vs {m['reward_champion']:.4f} "
+                                   f"({m['reward_delta']:+.4f}, p={m['p_adj']:.3g}) on {m['n']} items")
+        run.promoted = v
+    state = coord.load_state()
+    coord.save_state({**state, 'seen': state['seen'] + [i for i in run.ids if i not in set(state['seen'])], 'cycles': state['cycles'] + 1})
+
+# %% ../nbs/14_promotion.ipynb #f8f7d0c7
+def write_cycle_report(coord:OnlineLearningCoordinator, run:CycleRun) -> TrainingReport:
+    "Stage: the cycle's `TrainingReport`, written under `promotion.reports_dir` unless a dry run."
+    tr = run.trained
+    run.extra.update(challenger_version=run.challenger_version, champion_result_reused=bool(run.kept))
+    run.extra['seconds'] = {**run.times, 'total_s': time.perf_counter() - run.t0}
+    rep = make_report(run.champion, run.challenger, run.decision, started_at=run.started, trajectory_ids=run.ids,
+                      n_samples=getattr(tr, 'positions', 0) or getattr(tr, 'samples', 0), promoted_version=run.promoted, cfg=coord.cfg, extra=run.extra)
+    rep.champion['version'], rep.challenger['version'] = run.champion_version, run.challenger_version
+    rep.status = 'dry_run' if run.dry_run else ('promoted' if run.promoted else 'rejected')
+    if not run.dry_run: write_report(rep, coord.reports_dir, coord.cfg.promotion.lock_timeout_s)
+    return rep
+
+# %% ../nbs/14_promotion.ipynb #4a4d3f34
+CYCLE_STAGES = [('listing the trajectories', find_trajectories), ('finding the champion', find_champion),
+                 ('training the challenger', train_challenger), ('benchmarking champion and challenger', benchmark),
+                 ('applying the promotion policy', apply_policy), ('registering the challenger', register_and_promote),
+                 ('writing the report', write_cycle_report)]
+
+# %% ../nbs/14_promotion.ipynb #0331aa25
 @patch_to(OnlineLearningCoordinator)
 def run_cycle(self, dry_run:bool=False, # decide, but register, promote and write nothing
               baseline_version:str|int|None=None, # champion to beat and train from; None = the active version
@@ -341,73 +448,21 @@ def run_cycle(self, dry_run:bool=False, # decide, but register, promote and writ
               extra:dict|None=None, # recorded in the report's `extra` (e.g. the self-play summary)
              ) -> TrainingReport:
     "One training cycle; returns its report (written under promotion.reports_dir unless skipped or a dry run)."
-    started, t0, times = _now(), time.perf_counter(), {}
+    run = CycleRun(dry_run, baseline_version, progress, dict(extra or {}))
     try: self.lock.acquire()
     except Timeout:
-        return self._bare_report('skipped', started, [f"SKIP another cycle has held {str(self.lock.lock_file)!r} for more than "
-                                                      f"{self.lock.timeout} s; try again when it is done (or raise promotion.lock_timeout_s)."])
-    ids, champ_v, step = [], None, 'reading the coordinator state'
+        return self._bare_report('skipped', run.started, [f"SKIP another cycle has held {str(self.lock.lock_file)!r} for more than "
+                                                          f"{self.lock.timeout} s; try again when it is done (or raise promotion.lock_timeout_s)."])
     try:
-        state = self.load_state()
-        step = 'listing the trajectories'
-        ids = self.new_trajectories(state); need = self.cfg.promotion.min_new_trajectories
-        if len(ids) < need:
-            return self._bare_report('skipped', started, [f"SKIP {len(ids)} new trajectories in {str(self.buffer_path)!r}, fewer than "
-                                                          f"promotion.min_new_trajectories = {need}; run self-play first."], ids)
-        step = 'finding the champion'
-        champ_v = version_name(baseline_version) if baseline_version is not None else self.registry.active()
-        init = self.registry.checkpoint(champ_v) if champ_v else None
-        step = 'training the challenger'; t = time.perf_counter()
-        out = run_path(self.cfg, self.cfg.train.checkpoint_dir)/'cycles'/('cycle-' + re.sub(r'[^0-9T]', '', started)[:18])
-        tr = self.train_fn(self.cfg, buffer_path=self.buffer_path, init_checkpoint=init, out_dir=out, episode_ids=ids,
-                           resume=False, progress=progress)
-        times['train_s'] = time.perf_counter() - t
-        step = 'benchmarking champion and challenger'; t = time.perf_counter()
-        if self.suite is None:
-            from research_controller.evaluate import get_suite
-            self.suite = get_suite(self.cfg)
-        key = champ_v or 'threshold'
-        kept = self.stored_result(key, self.suite.hash) if self.reuse_results else None
-        ctls = ([] if kept else [self.controller_fn(key)]) + [self.controller_fn(Path(tr.checkpoint))]
-        out = self.evaluate_fn(self.cfg, ctls, suite=self.suite, progress=progress)
-        res_chall = out[-1]
-        res_champ = relabel_result(kept, 'threshold' if champ_v is None else 'policy', champ_v) if kept else out[0]
-        if not kept and not dry_run: self.save_result(key, res_champ, self.suite.hash)
-        times['evaluate_s'] = time.perf_counter() - t
-        step = 'applying the promotion policy'
-        dec = self.policy.evaluate(res_champ, res_chall)
-        n_samples = getattr(tr, 'positions', 0) or getattr(tr, 'samples', 0)
-        extra = dict(extra or {}, baseline_version=champ_v, challenger_checkpoint=str(tr.checkpoint), train_steps=getattr(tr, 'steps', None),
-                     final_loss=(tr.losses[-1] if getattr(tr, 'losses', None) else None), dry_run=dry_run, buffer_path=str(self.buffer_path))
-        chall_v = promoted = None
-        if not dry_run:
-            step = 'registering the challenger'
-            meta = dict(checkpoint_meta(tr.checkpoint), parent_version=champ_v, training_data_ids=list(ids), config=self.cfg,
-                        benchmark=res_chall.summary(), notes=f"challenger of {champ_v or 'threshold'}: {'accepted' if dec.accepted else 'rejected'}")
-            chall_v = self.registry.register(tr.checkpoint, meta, who=self.who)
-            self.save_result(chall_v, res_chall, self.suite.hash)
-            if dec.accepted:
-                step = f'promoting {chall_v}'
-                m = dec.metrics
-                self.registry.promote(chall_v, who=self.who, decision=dec.to_dict(),
-                                      why=f"beat {res_champ.label}: reward {m['reward_challenger']:.4f} vs {m['reward_champion']:.4f} "
-                                          f"({m['reward_delta']:+.4f}, p={m['p_adj']:.3g}) on {m['n']} items")
-                promoted = chall_v
-            state = self.load_state()
-            self.save_state({**state, 'seen': state['seen'] + [i for i in ids if i not in set(state['seen'])], 'cycles': state['cycles'] + 1})
-        extra.update(challenger_version=chall_v, champion_result_reused=bool(kept))
-        extra['seconds'] = {**times, 'total_s': time.perf_counter() - t0}
-        rep = make_report(res_champ, res_chall, dec, started_at=started, trajectory_ids=ids, n_samples=n_samples,
-                          promoted_version=promoted, cfg=self.cfg, extra=extra)
-        rep.champion['version'], rep.challenger['version'] = champ_v, chall_v
-        rep.status = 'dry_run' if dry_run else ('promoted' if promoted else 'rejected')
-        if not dry_run: write_report(rep, self.reports_dir, self.cfg.promotion.lock_timeout_s)
-        return rep
+        for what, stage in CYCLE_STAGES:
+            run.stage = what
+            rep = stage(self, run)
+            if rep is not None: return rep
     except Exception as e:
-        import traceback
         err = f"{type(e).__name__}: {e}"
-        rep = self._bare_report('error', started, [f"ERROR while {step}: {err}"], ids, champ_v, err,
-                                {**(extra or {}), 'traceback': traceback.format_exc()[-4000:], 'dry_run': dry_run, 'seconds': {**times, 'total_s': time.perf_counter() - t0}})
+        rep = self._bare_report('error', run.started, [f"ERROR while {run.stage}: {err}"], run.ids, run.champion_version, err,
+                                {**run.extra, 'stage': run.stage, 'traceback': traceback.format_exc()[-4000:], 'dry_run': dry_run,
+                                 'seconds': {**run.times, 'total_s': time.perf_counter() - run.t0}})
         if not dry_run:
             try: write_report(rep, self.reports_dir, self.cfg.promotion.lock_timeout_s)
             except Exception as e2: rep.extra['report_write_error'] = f"{type(e2).__name__}: {e2}"

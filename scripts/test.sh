@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything and run the whole test suite (the README's test command; .ci/run calls exactly this).
+# Install everything and run the whole test suite: every notebook (nbdev-test), then tests/ (pytest). The README's test command; .ci/run calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
@@ -12,16 +12,16 @@ bash scripts/install.sh dev
 echo "== install took $(( $(date +%s) - start ))s"
 # Convert the default SLM (GGUF -> cached safetensors) once, before notebooks race for it.
 python -c "from research_controller.slm import load_slm; m,t=load_slm(); print('default SLM ready:', type(m).__name__)"
-echo "== nbdev-clean + nbdev-export must leave no diff"
+echo "== nbdev-clean + nbdev-export (+ README from nbs/index.ipynb) must leave no diff"
 nbdev-clean
 nbdev-export
+python .dev/sync_readme.py
 if [ -n "$(git status --porcelain -- nbs research_controller README.md)" ]; then
   git status --porcelain -- nbs research_controller README.md
   git --no-pager diff --stat -- nbs research_controller README.md
-  echo "nbdev-clean/nbdev-export changed files: run them and commit."
+  echo "nbdev-clean/nbdev-export/.dev/sync_readme.py changed files: run them and commit."
   echo "0 passed, 1 failed"
   exit 1
 fi
-echo "== nbdev-test"
-python scripts/run_tests.py
-echo "== total $(( $(date +%s) - start ))s"
+echo "== nbdev-test, then pytest (tests/)"
+RC_TEST_START=$start python scripts/run_tests.py   # prints the total time, then the closing "N passed, N failed" line
