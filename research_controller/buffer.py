@@ -6,24 +6,88 @@ Docs: https://research-controller.github.io/research_controller/buffer.html.md""
 
 # %% ../nbs/06_buffer.ipynb #ef69e622
 from __future__ import annotations
-import json, math, os
+import contextlib, errno, io, json, math, os, shutil, warnings
 from pathlib import Path
 from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 from fastcore.basics import patch
-from .config import Config, atomic_write_bytes, atomic_write_text, run_path
+from .config import Config, atomic_write, atomic_write_bytes, atomic_write_text, run_path
 
 # %% auto #0
-__all__ = ['FORMAT', 'REQUIRED_META', 'ReplayBufferError', 'ReplayBuffer']
+__all__ = ['FORMAT', 'REQUIRED_META', 'ReplayBufferError', 'ReplayBufferWarning', 'ReplayBuffer']
 
 # %% ../nbs/06_buffer.ipynb #137811a5
 class ReplayBufferError(ValueError):
     "A replay buffer that cannot be opened or written as asked; the message says why and how to fix it."
 
+class ReplayBufferWarning(UserWarning):
+    "Something the buffer fixed on its own when it opened (leftover files removed, a lost header rewritten)."
+
 FORMAT = 'research_controller.replay/1'
 REQUIRED_META = ('episode_id', 'controller_version', 'slm_fingerprint')
 _FIELDS = ('states', 'masks', 'policies', 'values', 'episodes')
+
+# %% ../nbs/06_buffer.ipynb #5a1c0e02
+def _array_specs(dim:int, n_actions:int, capacity:int, dtype:str) -> dict:
+    "Per array file: dtype, shape, `.npy` header length (`offset`) and total size in `bytes`."
+    shapes = dict(states=(dtype, (capacity, dim)), masks=('bool', (capacity, n_actions)), policies=('float32', (capacity, n_actions)),
+                  values=('float32', (capacity,)), episodes=('int64', (capacity,)))
+    out = {}
+    for k, (dt, shp) in shapes.items():
+        f = io.BytesIO()
+        np.lib.format.write_array_header_1_0(f, dict(descr=np.lib.format.dtype_to_descr(np.dtype(dt)), fortran_order=False, shape=shp))
+        out[k] = dict(dtype=dt, shape=list(shp), offset=len(f.getvalue()), bytes=len(f.getvalue()) + math.prod(shp)*np.dtype(dt).itemsize)
+    return out
+
+# %% ../nbs/06_buffer.ipynb #5a1c0e06
+def _npy_header(p:Path) -> tuple|None:
+    "(dtype, shape, offset) from the `.npy` header of `p`, or None if it is missing, unreadable or Fortran-ordered."
+    try:
+        with open(p, 'rb') as f:
+            v = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if v == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dt = read(f)
+            return None if fortran else (np.dtype(dt).name, list(shape), f.tell())
+    except (OSError, ValueError, EOFError, SyntaxError): return None
+
+def _write_npy_header(f, s:dict):
+    "Write the `.npy` header of array spec `s` at the start of open file `f`."
+    f.seek(0)
+    np.lib.format.write_array_header_1_0(f, dict(descr=np.lib.format.dtype_to_descr(np.dtype(s['dtype'])), fortran_order=False, shape=tuple(s['shape'])))
+    assert f.tell() == s['offset'], (f.tell(), s)
+
+# %% ../nbs/06_buffer.ipynb #5a1c0e08
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}  # "not supported here", as opposed to "no space"
+
+def _fallocate(f, # a file open for reading and writing, in binary mode
+               nbytes:int, # size the file must have, every block of it allocated
+              ):
+    "Reserve the disk blocks of the first `nbytes` of `f`, extending it; a full disk raises `OSError(ENOSPC)`."
+    f.flush()
+    fa = getattr(os, 'posix_fallocate', None)
+    if fa is not None:
+        try: return fa(f.fileno(), 0, nbytes)
+        except OSError as e:
+            if e.errno not in _NO_FALLOCATE: raise
+    st = os.fstat(f.fileno())
+    if st.st_size >= nbytes and getattr(st, 'st_blocks', 0)*512 >= nbytes: return  # nothing sparse left to fill
+    pos, chunk = 0, 1 << 20
+    while pos < nbytes:
+        n = min(chunk, nbytes - pos)
+        f.seek(pos); data = f.read(n)
+        f.seek(pos); f.write(data + bytes(n - len(data))); pos += n
+    f.flush()
+
+# %% ../nbs/06_buffer.ipynb #5a1c0e0c
+def _no_space(p:Path, # the file that could not get its blocks
+              need:int, # bytes it still needed
+              fix:str='free space or set buffer.capacity lower', # what the user can do about it
+             ) -> ReplayBufferError:
+    "The error for a full disk."
+    try: free = shutil.disk_usage(p.parent).free
+    except OSError: free = 'unknown'
+    return ReplayBufferError(f"no space left on device for {str(p)!r}: need {need} bytes, {free} free; {fix}.")
 
 # %% ../nbs/06_buffer.ipynb #a10b5b64
 class ReplayBuffer:
@@ -45,28 +109,15 @@ class ReplayBuffer:
             if int(v) < 1: raise ReplayBufferError(f"{k} must be >= 1, got {v}.")
         self.path, self.readonly, self.sampling, self.half_life = Path(path), readonly, sampling, int(half_life)
         self.dim, self.n_actions, self.capacity, self.dtype = int(dim), int(n_actions), int(capacity), dtype
-        self._lock, self.compact_slack = None, compact_slack
+        self._lock, self.compact_slack, self._arr = None, compact_slack, {}
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = FileLock(str(self.path/'.lock'))
             try: self._lock.acquire(timeout=0)
             except Timeout: raise ReplayBufferError(f"replay buffer {str(self.path)!r} is already open for writing by another process; "
                                                     "open it with readonly=True to sample, or use another buffer.path.") from None
-        if not (self.path/'header.json').exists():
-            if readonly: raise ReplayBufferError(f"no replay buffer at {str(self.path)!r} (header.json missing); create it with a writer first.")
-            self._create()
-        self._check_header()
-        mode = 'r' if readonly else 'r+'
-        try: self._arr = {k: np.load(self.path/f'{k}.npy', mmap_mode=mode) for k in _FIELDS}
-        except (OSError, ValueError) as e: raise ReplayBufferError(f"replay buffer {str(self.path)!r} has an unreadable array file ({e}); it is corrupt, start a new buffer.path.") from None
-        exp = dict(states=(self.capacity, self.dim), masks=(self.capacity, self.n_actions), policies=(self.capacity, self.n_actions),
-                   values=(self.capacity,), episodes=(self.capacity,))
-        for k, shp in exp.items():
-            if self._arr[k].shape != shp: raise ReplayBufferError(f"replay buffer {str(self.path)!r}: {k}.npy has shape {self._arr[k].shape}, header says {shp}; the buffer is corrupt, start a new buffer.path.")
-        self._log_offset, self._records = 0, {}
-        self._last_serial, self._total = -1, 0
-        self._load_log()
-        if not readonly: self._recover()
+        try: self._open()
+        except BaseException: self.close(); raise
 
     @classmethod
     def from_config(cls, cfg:Config, dim:int, n_actions:int, readonly:bool=False):
@@ -93,31 +144,125 @@ class ReplayBuffer:
         self._arr = {}
         if self._lock is not None: self._lock.release(); self._lock = None
 
+# %% ../nbs/06_buffer.ipynb #5a1c0e0e
+@patch
+def _open(self:ReplayBuffer):
+    "Check header and array files, reserve their blocks (writer), map them and read the log."
+    if not (self.path/'header.json').exists():
+        if self.readonly: raise ReplayBufferError(f"no replay buffer at {str(self.path)!r} (header.json missing); create it with a writer first.")
+        if not self._adopt(): self._create()
+    hdr = self._check_header()
+    self._check_files()
+    if not self.readonly:
+        self._reserve()
+        if 'arrays' not in hdr:  # a header from before sizes were recorded: record them now (optional, so a full disk skips it)
+            with contextlib.suppress(OSError): atomic_write_text(self.path/'header.json', json.dumps(dict(hdr, arrays=self._specs), indent=1))
+    mode = 'r' if self.readonly else 'r+'
+    try: self._arr = {k: np.load(self.path/f'{k}.npy', mmap_mode=mode) for k in _FIELDS}
+    except (OSError, ValueError) as e: raise ReplayBufferError(f"replay buffer {str(self.path)!r} has an unreadable array file ({e}); run ReplayBuffer.repair({str(self.path)!r}) or start a new buffer.path.") from None
+    for k, s in self._specs.items():
+        a, want = self._arr[k], (s['dtype'], s['shape'], s['offset'])
+        if (a.dtype.name, list(a.shape), a.offset) != want:
+            raise ReplayBufferError(f"replay buffer {str(self.path)!r}: {k}.npy holds {a.dtype.name} {a.shape} at offset {a.offset}, header.json says {want}; "
+                                    f"run ReplayBuffer.repair({str(self.path)!r}) or start a new buffer.path.")
+    self._log_offset, self._records = 0, {}
+    self._last_serial, self._total = -1, 0
+    self._load_log()
+    if not self.readonly: self._recover()
+
 # %% ../nbs/06_buffer.ipynb #7b5ca59b
 @patch
 def _create(self:ReplayBuffer):
-    c, open_mm = self.capacity, np.lib.format.open_memmap
-    specs = dict(states=(self.dtype, (c, self.dim)), masks=(np.bool_, (c, self.n_actions)),
-                 policies=(np.float32, (c, self.n_actions)), values=(np.float32, (c,)), episodes=(np.int64, (c,)))
-    for k, (dt, shp) in specs.items():
-        a = open_mm(self.path/f'{k}.npy', mode='w+', dtype=dt, shape=shp)
-        if k == 'episodes': a[:] = -1
-        a.flush(); del a
-    (self.path/'log.jsonl').write_bytes(b'')
-    hdr = dict(format=FORMAT, dim=self.dim, n_actions=self.n_actions, capacity=self.capacity, dtype=self.dtype)
-    atomic_write_text(self.path/'header.json', json.dumps(hdr, indent=1))
+    "Write the array files (blocks reserved, rows empty), an empty log, and the header last; a failure leaves nothing behind."
+    specs = _array_specs(self.dim, self.n_actions, self.capacity, self.dtype)
+    made, p = [], self.path
+    try:
+        for k, s in specs.items():
+            p = self.path/f'{k}.npy'; made.append(p)
+            with open(p, 'w+b') as f:
+                _write_npy_header(f, s)
+                _fallocate(f, s['bytes'])
+                if k == 'episodes': f.seek(s['offset']); f.write(np.full(self.capacity, -1, np.int64).tobytes())
+                f.flush(); os.fsync(f.fileno())
+        p = self.path/'log.jsonl'; made.append(p); p.write_bytes(b'')
+        hdr = dict(format=FORMAT, dim=self.dim, n_actions=self.n_actions, capacity=self.capacity, dtype=self.dtype, arrays=specs)
+        p = self.path/'header.json'; atomic_write_text(p, json.dumps(hdr, indent=1))
+    except BaseException as e:
+        for q in made: q.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise _no_space(p, sum(s['bytes'] for s in specs.values())) from None
+        raise
 
+# %% ../nbs/06_buffer.ipynb #5a1c0e10
 @patch
-def _check_header(self:ReplayBuffer):
+def _adopt(self:ReplayBuffer) -> bool:
+    "Writer without header.json: clear what an unfinished creation left, or adopt files that committed episodes live in."
+    arrays, log = [self.path/f'{k}.npy' for k in _FIELDS if (self.path/f'{k}.npy').exists()], self.path/'log.jsonl'
+    if not (log.exists() and log.stat().st_size):
+        left = arrays + ([log] if log.exists() else [])
+        for p in left: p.unlink()
+        if left: warnings.warn(f"replay buffer {str(self.path)!r}: removed {[p.name for p in left]}, left by a creation that did not finish "
+                               "(no header.json, no committed episode); creating the buffer anew.", ReplayBufferWarning, stacklevel=4)
+        return False
+    specs, asked = _array_specs(self.dim, self.n_actions, self.capacity, self.dtype), f"dim={self.dim}, n_actions={self.n_actions}, capacity={self.capacity}, dtype={self.dtype!r}"
+    for p in arrays:
+        got, s = _npy_header(p), specs[p.stem]
+        if got is not None and got[:2] != (s['dtype'], s['shape']):
+            raise ReplayBufferError(f"replay buffer {str(self.path)!r} has committed episodes in log.jsonl but no header.json, and {p.name} holds "
+                                    f"{got[0]} {tuple(got[1])} where {asked} needs {s['dtype']} {tuple(s['shape'])}: open it with the dim, n_actions, "
+                                    "capacity and dtype it was created with (its header is then rewritten), or move the directory away to start anew.")
+    hdr = dict(format=FORMAT, dim=self.dim, n_actions=self.n_actions, capacity=self.capacity, dtype=self.dtype, arrays=specs)
+    atomic_write_text(self.path/'header.json', json.dumps(hdr, indent=1))
+    warnings.warn(f"replay buffer {str(self.path)!r} had no header.json; adopted its array files and log ({asked}) and wrote a new header.",
+                  ReplayBufferWarning, stacklevel=4)
+    return True
+
+# %% ../nbs/06_buffer.ipynb #5a1c0e12
+@patch
+def _check_header(self:ReplayBuffer) -> dict:
+    "Header fields equal to what was asked for; sets `_specs` (recorded sizes, or computed ones for headers that predate them)."
     try: hdr = json.loads((self.path/'header.json').read_text())
     except (OSError, ValueError) as e: raise ReplayBufferError(f"replay buffer header {str(self.path/'header.json')!r} is unreadable ({e}); start a new buffer.path.") from None
     if hdr.get('format') != FORMAT: raise ReplayBufferError(f"{str(self.path)!r} is not a {FORMAT} buffer (format={hdr.get('format')!r}); use another buffer.path.")
     fix = {'dim': 'the feature dimension of the SLM it was filled with', 'n_actions': 'the macro-action set it was filled with',
            'capacity': 'buffer.capacity', 'dtype': 'buffer.dtype'}
     for k, why in fix.items():
-        if hdr[k] != getattr(self, k):
-            raise ReplayBufferError(f"replay buffer {str(self.path)!r} was created with {k}={hdr[k]!r} but {k}={getattr(self, k)!r} was requested. "
-                                    f"Open it with {k}={hdr[k]!r} ({why}) or point buffer.path at a new directory.")
+        if hdr.get(k) != getattr(self, k):
+            raise ReplayBufferError(f"replay buffer {str(self.path)!r} was created with {k}={hdr.get(k)!r} but {k}={getattr(self, k)!r} was requested. "
+                                    f"Open it with {k}={hdr.get(k)!r} ({why}) or point buffer.path at a new directory.")
+    self._specs = _array_specs(self.dim, self.n_actions, self.capacity, self.dtype)
+    if hdr.get('arrays', self._specs) != self._specs:
+        raise ReplayBufferError(f"replay buffer header {str(self.path/'header.json')!r}: field 'arrays' is {hdr['arrays']!r}, expected {self._specs!r}; "
+                                "it was edited or damaged: delete the field (it is rewritten on the next writer open) or start a new buffer.path.")
+    return hdr
+
+# %% ../nbs/06_buffer.ipynb #5a1c0e14
+@patch
+def _check_files(self:ReplayBuffer):
+    "Every array file has exactly the size on record; else a clear error that says how to repair the buffer."
+    for k, s in self._specs.items():
+        p = self.path/f'{k}.npy'
+        size = p.stat().st_size if p.exists() else None
+        if size != s['bytes']:
+            have = 'is missing' if size is None else f'is {size} bytes'
+            raise ReplayBufferError(
+                f"replay buffer array {str(p)!r} {have} but header.json expects {s['bytes']} bytes ({s['dtype']} {tuple(s['shape'])}): it was "
+                f"truncated or damaged, and opening it as is would read zeros. Close every writer of this buffer and repair it, which keeps the "
+                f"episodes whose rows all survive: python -c \"from research_controller.buffer import ReplayBuffer; "
+                f"print(ReplayBuffer.repair({str(self.path)!r}))\" (or point buffer.path at a new directory).")
+
+# %% ../nbs/06_buffer.ipynb #5a1c0e16
+@patch
+def _reserve(self:ReplayBuffer):
+    "Writer: every block of every array file allocated, so a full disk is a clear error here, never a SIGBUS mid-write."
+    for k, s in self._specs.items():
+        p = self.path/f'{k}.npy'
+        try:
+            with open(p, 'r+b') as f: _fallocate(f, s['bytes'])
+        except OSError as e:
+            if e.errno != errno.ENOSPC: raise
+            need = sum(max(0, s2['bytes'] - getattr(os.stat(self.path/f'{k2}.npy'), 'st_blocks', 0)*512) for k2, s2 in self._specs.items())
+            raise _no_space(p, need, "free space or set buffer.capacity lower; the committed episodes are intact and a readonly open still samples them") from None
 
 # %% ../nbs/06_buffer.ipynb #3e4f6b1d
 @patch
@@ -155,14 +300,20 @@ def _recover(self:ReplayBuffer):
 
 @patch
 def _compact(self:ReplayBuffer):
-    "Rewrite the log with only the live episodes (atomic: temp file, then rename)."
+    "Rewrite the log with only the live episodes (atomic: temp file, then rename); on a full disk it stays as it is."
     data = b''.join((json.dumps(self._records[k], sort_keys=True) + '\n').encode() for k in sorted(self._records))
-    atomic_write_bytes(self.path/'log.jsonl', data)
+    try: atomic_write_bytes(self.path/'log.jsonl', data)
+    except OSError as e:
+        if e.errno != errno.ENOSPC: raise
+        warnings.warn(f"no space left on device to compact {str(self.path/'log.jsonl')!r}; it stays as it is.", ReplayBufferWarning, stacklevel=5)
+        self._log_offset = (self.path/'log.jsonl').stat().st_size
+        return
     self._log_offset = len(data)
 
 @patch
 def refresh(self:ReplayBuffer):
-    "Pick up episodes committed since opening (readers sampling while another process writes)."
+    "Pick up episodes committed since opening (readers sampling while another process writes); array sizes are checked again."
+    self._check_files()
     self._load_log()
 
 @patch
@@ -212,21 +363,36 @@ def add_episode(self:ReplayBuffer,
     idx = (start + np.arange(T)) % self.capacity
     a = self._arr
     evicted = np.unique(a['episodes'][idx]); evicted = evicted[evicted >= 0]
-    a['episodes'][idx] = -1; a['episodes'].flush()      # 1. the rows about to change are empty
-    a['states'][idx] = states.astype(self.dtype)      # 2. the data
-    a['masks'][idx] = masks; a['policies'][idx] = policies; a['values'][idx] = np.clip(values, -1, 1)
-    a['episodes'][idx] = serial                        # 3. stamped
-    for x in a.values(): x.flush()
-    self._commit(dict(serial=serial, start=int(start), length=T, end=self._total + T, meta=meta_json))  # 4. committed
+    try:
+        a['episodes'][idx] = -1; a['episodes'].flush()      # 1. the rows about to change are empty
+        a['states'][idx] = states.astype(self.dtype)      # 2. the data
+        a['masks'][idx] = masks; a['policies'][idx] = policies; a['values'][idx] = np.clip(values, -1, 1)
+        a['episodes'][idx] = serial                        # 3. stamped
+        for x in a.values(): x.flush()
+        self._commit(dict(serial=serial, start=int(start), length=T, end=self._total + T, meta=meta_json))  # 4. committed
+    except BaseException:
+        a['episodes'][idx] = -1; a['episodes'].flush()   # not committed: the rows stay empty
+        raise
     for e in evicted:  # forget the metadata of episodes that left the ring entirely
         if not (a['episodes'] == e).any(): self._records.pop(int(e), None)
     return serial
 
+# %% ../nbs/06_buffer.ipynb #5a1c0e18
 @patch
 def _commit(self:ReplayBuffer, rec:dict):
-    line = (json.dumps(rec, sort_keys=True) + '\n').encode()
-    with open(self.path/'log.jsonl', 'ab') as f:
-        f.write(line); f.flush(); os.fsync(f.fileno())
+    "Append the episode's log line (the commit marker) and fsync it; on failure the log is cut back to its last commit."
+    p, line = self.path/'log.jsonl', (json.dumps(rec, sort_keys=True) + '\n').encode()
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    try:
+        view = memoryview(line)
+        while view: view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as e:
+        with contextlib.suppress(OSError): os.ftruncate(fd, self._log_offset)
+        if e.errno == errno.ENOSPC:
+            raise _no_space(p, len(line), f"episode {rec['serial']} was not committed and the committed ones are intact; free space and add it again") from None
+        raise
+    finally: os.close(fd)
     self._log_offset += len(line)
     self._records[rec['serial']] = rec
     self._last_serial, self._total = rec['serial'], rec['end']
@@ -273,3 +439,76 @@ def sample(self:ReplayBuffer,
         for k in out: out[k][bad[ok]] = b[k][ok]
         bad = bad[~ok]
     raise ReplayBufferError("could not sample stable rows: the writer keeps overwriting them; use a larger buffer.capacity.")
+
+# %% ../nbs/06_buffer.ipynb #5a1c0e29
+def _intact_rows(p:Path, s:dict) -> int:
+    "How many leading rows of array file `p` (spec `s`) are all there, behind the expected `.npy` header."
+    if _npy_header(p) != (s['dtype'], s['shape'], s['offset']): return 0
+    row = math.prod(s['shape'][1:])*np.dtype(s['dtype']).itemsize
+    return min(s['shape'][0], (p.stat().st_size - s['offset'])//row)
+
+# %% ../nbs/06_buffer.ipynb #5a1c0e1c
+@patch(cls_method=True)
+def repair(cls:ReplayBuffer, path:str|Path) -> dict:
+    "Rebuild a buffer whose array files were cut short: keep the episodes whose rows all survive; returns what was kept and dropped."
+    path = Path(path)
+    try: hdr = json.loads((path/'header.json').read_text())
+    except FileNotFoundError: raise ReplayBufferError(f"no replay buffer header at {str(path/'header.json')!r}; open the directory with a writer "
+                                                      "(ReplayBuffer(path, dim, n_actions, capacity, dtype)), which adopts or clears its files.") from None
+    except (OSError, ValueError) as e: raise ReplayBufferError(f"replay buffer header {str(path/'header.json')!r} is unreadable ({e}); start a new buffer.path.") from None
+    b = cls.__new__(cls)
+    b.path, b.readonly, b._arr, b._lock = path, False, {}, FileLock(str(path/'.lock'))
+    try: b.dim, b.n_actions, b.capacity, b.dtype = int(hdr['dim']), int(hdr['n_actions']), int(hdr['capacity']), hdr['dtype']
+    except (KeyError, TypeError, ValueError) as e: raise ReplayBufferError(f"replay buffer header {str(path/'header.json')!r} lacks a valid {e}; start a new buffer.path.") from None
+    try: b._lock.acquire(timeout=0)
+    except Timeout: raise ReplayBufferError(f"replay buffer {str(path)!r} is open for writing by another process; close it (stop self-play) and run the repair again.") from None
+    try: return b._repair()
+    finally: b.close()
+
+# %% ../nbs/06_buffer.ipynb #5a1c0e1d
+@patch
+def _repair(self:ReplayBuffer) -> dict:
+    "The repair proper, under the writer lock (see `ReplayBuffer.repair`)."
+    hdr, specs, cap, path = self._check_header(), self._specs, self.capacity, self.path
+    self._log_offset, self._records, self._last_serial, self._total = 0, {}, -1, 0
+    self._load_log()
+    rows = {k: _intact_rows(path/f'{k}.npy', s) for k, s in specs.items()}
+    sizes = {k: (path/f'{k}.npy').stat().st_size if (path/f'{k}.npy').exists() else 0 for k in specs}
+    cut, last = min(rows.values()), self._last_serial
+    owner = np.full(cap, -1, np.int64)  # who owns each row, by the log: later episodes overwrite earlier ones
+    for s in sorted(self._records):
+        r = self._records[s]; owner[(r['start'] + np.arange(r['length'])) % cap] = s
+    ep = np.full(cap, -1, np.int64)
+    if rows['episodes']: ep[:rows['episodes']] = np.fromfile(path/'episodes.npy', np.int64, count=rows['episodes'], offset=specs['episodes']['offset'])
+    ep[(ep < 0) | (ep > last)] = -1  # rows of an episode that never committed
+    lost = (set(owner[cut:].tolist()) | set(ep[cut:].tolist())) - {-1}
+    ep[cut:] = -1; ep[np.isin(ep, sorted(lost))] = -1
+    kept = np.unique(ep[ep >= 0]).tolist()
+    damaged = [k for k, s in specs.items() if rows[k] < cap or sizes[k] != s['bytes']]
+    report = dict(kept=kept, dropped=sorted(lost), rows_kept=int((ep >= 0).sum()), rewritten=[])
+    need = sum(max(0, s['bytes'] - sizes[k]) for k, s in specs.items()) + specs['episodes']['bytes']
+    if damaged and need > shutil.disk_usage(path).free:
+        raise _no_space(path/f'{damaged[0]}.npy', need, "free space and run the repair again (nothing was changed)")
+    def put_episodes(t):
+        with open(t, 'w+b') as f: _write_npy_header(f, specs['episodes']); f.write(ep.tobytes())
+    def done(p): report['rewritten'].append(p.name)
+    p = path/'header.json'
+    try:
+        if damaged:
+            p = path/'episodes.npy'; atomic_write(p, put_episodes); done(p)  # 1. lost rows are empty
+            for k in damaged:  # 2. only then the data files get their full size back
+                if k == 'episodes': continue
+                p, s = path/f'{k}.npy', specs[k]
+                with open(p, 'r+b' if p.exists() else 'w+b') as f:
+                    if rows[k] == 0: f.truncate(0); _write_npy_header(f, s)
+                    f.truncate(min(max(f.seek(0, 2), s['offset']), s['bytes']))
+                    _fallocate(f, s['bytes']); os.fsync(f.fileno())
+                done(p)
+            recs = [self._records[s] for s in sorted(self._records) if s in kept or s == last]  # 3. log: kept episodes and the counter
+            p = path/'log.jsonl'; atomic_write_bytes(p, b''.join((json.dumps(r, sort_keys=True) + '\n').encode() for r in recs)); done(p)
+        if damaged or 'arrays' not in hdr:
+            p = path/'header.json'; atomic_write_text(p, json.dumps(dict(hdr, arrays=specs), indent=1)); done(p)  # 4. header, sizes on record
+    except OSError as e:
+        if e.errno != errno.ENOSPC: raise
+        raise _no_space(p, need, "free space and run the repair again; it starts over safely") from None
+    return report
