@@ -42,14 +42,24 @@ def test_task_choices_match_rewards():
     from research_controller.rewards import TASKS
     assert tuple(TASKS) == config.TASK_CHOICES, f"rewards.TASKS {TASKS} != config.TASK_CHOICES {config.TASK_CHOICES}: keep the two in step"
 
-def test_atomic_write_json_matches_evaluate(tmp_path):
-    "config's JSON writer writes the same bytes as the copy evaluate had, so stored files do not change."
+def _old_evaluate_json(obj) -> bytes:
+    "The bytes the JSON writer that lived in evaluate wrote (strict JSON: NaN/inf as null, numpy scalars as numbers, indent 1)."
+    import math, numpy as np
+    def j(o):
+        if isinstance(o, float) and not math.isfinite(o): return None
+        if isinstance(o, dict): return {k: j(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)): return [j(v) for v in o]
+        if isinstance(o, np.generic): return j(o.item())
+        return o
+    return (json.dumps(j(obj), indent=1, ensure_ascii=False, allow_nan=False) + '\n').encode('utf-8')
+
+def test_atomic_write_json_keeps_the_stored_format(tmp_path):
+    "config's JSON writer (the one JSON writer now) writes the bytes the evaluate copy wrote, so stored files do not change."
     np = pytest.importorskip('numpy')
-    from research_controller import evaluate
     obj = {'z': 1, 'name': 'café ✓', 'nan': float('nan'), 'inf': float('-inf'), 'np': [np.float32(0.25), np.int64(7), np.bool_(True)],
            'nested': {'t': (1, 2.5), 'none': None, 'empty': {}}, 'f64': np.float64(1/3)}
-    a, b = config.atomic_write_json(tmp_path/'a.json', obj), evaluate.atomic_write_json(tmp_path/'b.json', obj)
-    assert a.read_bytes() == b.read_bytes(), f"config wrote {a.read_bytes()!r}\nevaluate wrote {b.read_bytes()!r}"
+    a = config.atomic_write_json(tmp_path/'a.json', obj)
+    assert a.read_bytes() == _old_evaluate_json(obj), f"config wrote {a.read_bytes()!r}\nthe evaluate format is {_old_evaluate_json(obj)!r}"
     assert json.loads(a.read_text(encoding='utf-8'))['nan'] is None
 
 def test_modes_follow_the_policy(tmp_path):
