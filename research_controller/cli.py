@@ -6,21 +6,44 @@ Docs: https://research-controller.github.io/research_controller/cli.html.md"""
 
 # %% ../nbs/17_cli.ipynb #ac4bf891
 from __future__ import annotations
-import argparse, contextlib, getpass, io, json, logging, math, os, sys, traceback
+import argparse, contextlib, getpass, io, json, logging, math, os, sys, textwrap, traceback
+from enum import IntEnum
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 from .config import Config, ConfigError, load_config, run_path
+from .registry import ControllerRegistry, RegistryError, version_name
 
 # %% auto #0
-__all__ = ['log', 'LOG_LEVELS', 'COMMANDS', 'CLIError', 'command', 'build_parser', 'trace_rows', 'run_generate', 'version_rows',
-           'main', 'run_main']
+__all__ = ['EXIT_CODES', 'log', 'LOG_LEVELS', 'COMMANDS', 'CYCLE_EXIT', 'ExitCode', 'exit_code_table', 'CLIError', 'command',
+           'slm_commands', 'build_parser', 'trace_rows', 'run_generate', 'cycle_exit_code', 'version_rows',
+           'other_rc_processes', 'cores_busy', 'main', 'run_main']
+
+# %% ../nbs/17_cli.ipynb #3a7c935e
+class ExitCode(IntEnum):
+    "What `rc`'s exit status means (the table above; `EXIT_CODES` has the meanings)."
+    OK = 0; FAILED = 1; BAD_INPUT = 2; SKIPPED = 3; REGISTRY = 4; INTERRUPTED = 130
+
+EXIT_CODES = {
+    ExitCode.OK: "the command did its work; a cycle whose challenger lost to the champion is a normal outcome",
+    ExitCode.FAILED: "the work itself failed (a cycle that ended in error, an exception): one line says what, --log-level debug shows the traceback",
+    ExitCode.BAD_INPUT: "a mistake on the command line or in the config: the line names it and the fix",
+    ExitCode.SKIPPED: "nothing was done: another cycle holds the lock, or too few new trajectories arrived",
+    ExitCode.REGISTRY: "the registry has problems (rc status and rc versions list them) or refused the operation: an unknown version, a corrupt or missing file",
+    ExitCode.INTERRUPTED: "stopped with Ctrl-C",
+}
+
+def exit_code_table(width:int=100, # wrap the meanings at this many columns
+                   ) -> str:
+    "The exit codes as the plain-text table that ends `rc --help`."
+    rows = [textwrap.fill(m, width, initial_indent=f"  {int(c):<4}{c.name:<13}", subsequent_indent=' ' * 19) for c, m in EXIT_CODES.items()]
+    return 'exit codes:\n' + '\n'.join(rows)
 
 # %% ../nbs/17_cli.ipynb #e2676ad7
 log = logging.getLogger(__name__)
 
 class CLIError(Exception):
     "A problem the user can fix; printed as one line, the process exits with `code`."
-    def __init__(self, msg:str, code:int=2): super().__init__(msg); self.code = code
+    def __init__(self, msg:str, code:int=ExitCode.BAD_INPUT): super().__init__(msg); self.code = code
 
 class _Parser(argparse.ArgumentParser):
     "An ArgumentParser whose errors raise `CLIError` (one line) instead of printing usage and exiting."
@@ -41,16 +64,23 @@ def _common() -> argparse.ArgumentParser:
 # %% ../nbs/17_cli.ipynb #22ede322
 COMMANDS = {}
 
-def command(name:str, help:str, args:Callable|None=None):
+def command(name:str, help:str, args:Callable|None=None,
+            loads:str='torch'): # 'slm' (loads the SLM), 'torch' (imports the learning stack) or 'files' (small files only)
     "Register the decorated `f(ns, cfg) -> int|None` as subcommand `name`; `args(parser)` adds its arguments."
+    if loads not in ('slm', 'torch', 'files'): raise ValueError(f"loads must be 'slm', 'torch' or 'files', got {loads!r}")
     def deco(f):
-        COMMANDS[name] = dict(help=help, args=args, run=f)
+        COMMANDS[name] = dict(help=help, args=args, run=f, loads=loads)
         return f
     return deco
 
+def slm_commands() -> list:
+    "The subcommands that load the SLM."
+    return sorted(n for n, c in COMMANDS.items() if c['loads'] == 'slm')
+
 def build_parser() -> argparse.ArgumentParser:
-    "The `rc` argument parser with every registered subcommand."
-    p = _Parser(prog='rc', description="research_controller: a learned controller that steers a frozen small language model.")
+    "The `rc` argument parser with every registered subcommand; its help ends with the exit codes."
+    p = _Parser(prog='rc', description="research_controller: a learned controller that steers a frozen small language model.",
+                epilog=exit_code_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
     common = _common()
     for name, c in COMMANDS.items():
@@ -60,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/17_cli.ipynb #42bdeb50
 def _print(*a, **kw): print(*a, file=sys.stdout, **kw)
+
+def _note(ns, kind:str, msg:str):
+    "One line `rc COMMAND: kind: msg` on stderr."
+    print(f"rc {ns.command}: {kind}: {' '.join(str(msg).split())}", file=sys.stderr)
 
 def _table(rows:list, cols:list) -> str:
     "A plain fixed-width text table of `rows` (dicts) with columns `cols`."
@@ -105,7 +139,7 @@ def _generate_args(p):
     p.add_argument('--json', action='store_true', help="print the GenerationResult as JSON")
     p.add_argument('--show-thoughts', action='store_true', help="include hidden thought text in the output (never in logs)")
 
-@command('generate', "generate an answer to a prompt with a controller and show its macro-actions", _generate_args)
+@command('generate', "generate an answer to a prompt with a controller and show its macro-actions", _generate_args, loads='slm')
 def _cmd_generate(ns, cfg):
     if ns.max_new_tokens is not None and ns.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be a positive integer, got {ns.max_new_tokens}.")
@@ -120,6 +154,14 @@ def _cmd_generate(ns, cfg):
     _print(_table(trace_rows(res.macro_trace), ['step', 'action', 'tokens', 'spent', 'chunk']))
     if ns.show_thoughts and res.thought_text: _print(f"\nthoughts:\n{res.thought_text}")
     return 0
+
+# %% ../nbs/17_cli.ipynb #2d2ad177
+CYCLE_EXIT = {'promoted': ExitCode.OK, 'rejected': ExitCode.OK, 'dry_run': ExitCode.OK, 'decided': ExitCode.OK,
+              'skipped': ExitCode.SKIPPED, 'error': ExitCode.FAILED}
+
+def cycle_exit_code(status:str) -> ExitCode:
+    "The exit code of `rc cycle` for a cycle report's `status` (an unknown status counts as a failure)."
+    return CYCLE_EXIT.get(status, ExitCode.FAILED)
 
 # %% ../nbs/17_cli.ipynb #de7e79f9
 def _show(obj):
@@ -144,7 +186,7 @@ def _selfplay_args(p):
     p.add_argument('--seed', type=int, default=None, help="self-play seed (default selfplay config)")
     p.add_argument('--no-progress', action='store_true', help="no progress bar")
 
-@command('selfplay', "play self-play episodes with MCTS into the replay buffer", _selfplay_args)
+@command('selfplay', "play self-play episodes with MCTS into the replay buffer", _selfplay_args, loads='slm')
 def _cmd_selfplay(ns, cfg):
     if ns.episodes is not None and ns.episodes < 1: raise CLIError(f"--episodes must be a positive integer, got {ns.episodes}.")
     from research_controller.selfplay import run_selfplay
@@ -158,7 +200,7 @@ def _train_args(p):
     p.add_argument('--no-resume', action='store_true', help="start over instead of resuming from the last checkpoint in --out-dir")
     p.add_argument('--no-progress', action='store_true', help="no progress bar")
 
-@command('train', "train the policy/value network on the replay buffer", _train_args)
+@command('train', "train the policy/value network on the replay buffer", _train_args, loads='slm')
 def _cmd_train(ns, cfg):
     if ns.steps is not None and ns.steps < 1: raise CLIError(f"--steps must be a positive integer, got {ns.steps}.")
     from research_controller.train import train
@@ -172,7 +214,7 @@ def _evaluate_args(p):
     p.add_argument('--out-dir', default=None, metavar='PATH', help="where results go (default runs/<evaluate.out_dir>)")
     p.add_argument('--no-progress', action='store_true', help="no progress bar")
 
-@command('evaluate', "run controllers on the fixed benchmark suite at equal token budget", _evaluate_args)
+@command('evaluate', "run controllers on the fixed benchmark suite at equal token budget", _evaluate_args, loads='slm')
 def _cmd_evaluate(ns, cfg):
     from research_controller.evaluate import run_compare
     kw = dict(controllers=ns.controller, compare=ns.compare, out_dir=ns.out_dir, progress=not ns.no_progress)
@@ -181,65 +223,87 @@ def _cmd_evaluate(ns, cfg):
 def _cycle_args(p):
     p.add_argument('--dry-run', action='store_true', help="decide but do not promote")
 
-@command('cycle', "one online-learning cycle: self-play, train a challenger, benchmark it, promote it if it wins", _cycle_args)
+@command('cycle', "one online-learning cycle: self-play, train a challenger, benchmark it, promote it if it wins", _cycle_args, loads='slm')
 def _cmd_cycle(ns, cfg):
     from research_controller.promotion import cycle
-    _show(cycle(cfg, dry_run=ns.dry_run)); return 0
+    out = cycle(cfg, dry_run=ns.dry_run); _show(out)
+    rep, code = out.report, cycle_exit_code(out.report.status)
+    if rep.status == 'skipped': _note(ns, 'skipped', ' '.join(rep.decision.get('reasons') or ['skipped']).removeprefix('SKIP '))
+    elif code != ExitCode.OK: _note(ns, 'error', rep.error or f"the cycle ended with status {rep.status!r}")
+    return code
 
 # %% ../nbs/17_cli.ipynb #fa93122b
 def _registry(cfg, must_exist:bool=True):
-    from research_controller.registry import ControllerRegistry
     root = run_path(cfg, cfg.promotion.registry_dir)
     if must_exist and not (root/'versions').is_dir(): return None
     return ControllerRegistry.from_config(cfg)
 
-def version_rows(cfg:Config) -> list:
-    "One dict per registered version: version, active marker, parent, registered_at, notes."
+def version_rows(cfg:Config) -> tuple:
+    "(rows, problems): one dict per registered version (version, active marker, parent, registered_at, notes) and what could not be read."
     reg = _registry(cfg)
-    if reg is None: return []
-    act = reg.active(); rows = []
+    if reg is None: return [], []
+    rows, probs = [], []
+    try: act = reg.active()
+    except RegistryError as e: act = None; probs.append(str(e))
     for v in reg.versions():
-        m = reg.meta(v)
+        try: m = reg.meta(v)
+        except RegistryError as e:
+            rows.append(dict(version=v, notes=f"(bad meta.json: {e.reason})")); probs.append(str(e)); continue
         rows.append(dict(version=v, active='*' if v == act else '', parent=m.get('parent_version') or '-',
                          registered=str(m.get('registered_at', ''))[:19], notes=str(m.get('notes', ''))[:50]))
-    return rows
+    return rows, probs
 
-@command('versions', "list the registered controller versions (* = active)")
+def _problems(ns, cfg, probs:list) -> int:
+    "Print `probs` (if any) and say so on stderr; the exit code: 4 with problems, else 0."
+    if not probs: return ExitCode.OK
+    _print('problems:\n  ' + '\n  '.join(probs))
+    _note(ns, 'error', f"{len(probs)} problem{'s' * (len(probs) != 1)} in registry {str(run_path(cfg, cfg.promotion.registry_dir))!r} (listed above)")
+    return ExitCode.REGISTRY
+
+@command('versions', "list the registered controller versions (* = active)", loads='files')
 def _cmd_versions(ns, cfg):
-    rows = version_rows(cfg)
-    if not rows: _print(f"no versions registered in {run_path(cfg, cfg.promotion.registry_dir)}"); return 0
-    _print(_table(rows, ['version', 'active', 'parent', 'registered', 'notes'])); return 0
+    rows, probs = version_rows(cfg)
+    if not rows: _print(f"no versions registered in {run_path(cfg, cfg.promotion.registry_dir)}")
+    else: _print(_table(rows, ['version', 'active', 'parent', 'registered', 'notes']))
+    return _problems(ns, cfg, probs)
 
-@command('status', "the active version, the registered versions and the last cycle report")
+def _last_report(r:dict) -> str:
+    "One line about a cycle report: its cycle, when it finished, its status, challenger and champion."
+    ch, cl = r.get('champion') or {}, r.get('challenger') or {}
+    st = r.get('status') or ('accepted' if (r.get('decision') or {}).get('accepted') else 'rejected')
+    return (f"last report: cycle {r.get('cycle')} finished {r.get('finished_at')}: {str(st).upper()}, challenger "
+            f"{cl.get('version') or '-'} vs champion {ch.get('version') or ch.get('label') or 'threshold'}"
+            f"{', promoted ' + r['promoted_version'] if r.get('promoted_version') else ''}")
+
+@command('status', "the active version, the registered versions and the last cycle report", loads='files')
 def _cmd_status(ns, cfg):
     from research_controller.promotion import load_reports
-    reg = _registry(cfg)
+    reg, probs = _registry(cfg), []
     _print(f"registry: {run_path(cfg, cfg.promotion.registry_dir)}")
-    _print(f"active: {(reg.active() if reg else None) or 'none (the threshold controller answers)'}")
+    try: act = (reg.active() if reg else None) or 'none (the threshold controller answers)'
+    except RegistryError: act = 'unknown: active.json is unreadable (see problems)'
+    _print(f"active: {act}")
     _print(f"versions: {', '.join(reg.versions()) if reg and reg.versions() else 'none'}")
-    if reg:
-        probs = reg.check()
-        if probs: _print('problems:\n  ' + '\n  '.join(probs))
+    if reg: probs += reg.check()
     rdir = run_path(cfg, cfg.promotion.reports_dir)
-    reps = load_reports(rdir) if rdir.is_dir() else []
-    if not reps: _print("last report: none"); return 0
-    r = reps[-1]; d = r.get('decision', {})
-    _print(f"last report: cycle {r.get('cycle')} finished {r.get('finished_at')}: "
-           f"{'ACCEPTED' if d.get('accepted') else 'REJECTED'} {d.get('challenger', '')} vs {d.get('champion', '')}"
-           f"{', promoted ' + r['promoted_version'] if r.get('promoted_version') else ''}")
-    for line in d.get('reasons', []): _print(f"  {line}")
-    return 0
+    try: reps = load_reports(rdir) if rdir.is_dir() else []
+    except (OSError, ValueError) as e:
+        reps = []; probs.append(f"the cycle reports in {str(rdir)!r} cannot be read ({e}); move the bad cycle-*.json aside.")
+    code = _problems(ns, cfg, probs)
+    if not reps: _print("last report: none"); return code
+    _print(_last_report(reps[-1]))
+    for line in (reps[-1].get('decision') or {}).get('reasons', []): _print(f"  {line}")
+    return code
 
 def _rollback_args(p):
     p.add_argument('version', help="version to make active again, e.g. v2 (or 'previous')")
     p.add_argument('--why', required=True, help="reason, recorded in the audit trail")
     p.add_argument('--who', default=None, help="who rolls back (default: the login name)")
 
-@command('rollback', "make an earlier controller version active again (audited)", _rollback_args)
+@command('rollback', "make an earlier controller version active again, or repair active.json from the history (audited)", _rollback_args, loads='files')
 def _cmd_rollback(ns, cfg):
-    from research_controller.registry import RegistryError, version_name
     reg = _registry(cfg)
-    if reg is None: raise CLIError(f"no registry at {run_path(cfg, cfg.promotion.registry_dir)}; nothing to roll back.", code=1)
+    if reg is None: raise CLIError(f"no registry at {run_path(cfg, cfg.promotion.registry_dir)}; nothing to roll back.", code=ExitCode.REGISTRY)
     if not ns.why.strip(): raise CLIError("--why must say why you roll back (it goes into the audit trail).")
     v = None if ns.version == 'previous' else ns.version
     try:
@@ -247,20 +311,22 @@ def _cmd_rollback(ns, cfg):
     except RegistryError as e: raise CLIError(f"VERSION: {e}") from None
     who = ns.who or getpass.getuser()
     ev = reg.rollback(v, who=who, why=ns.why)
-    _print(f"active: {ev['version']} (was {ev['previous']}), event {ev['seq']} by {who}: {ns.why}"); return 0
+    _print(f"active: {ev['version']} (was {ev['previous']}), event {ev['seq']} by {who}: {ns.why}")
+    if ev.get('repaired'): _print(f"repaired: {ev['repaired']}; active.json rewritten from the history")
+    return ExitCode.OK
 
 # %% ../nbs/17_cli.ipynb #2799e644
 def _serve_args(p):
     p.add_argument('--host', default=None, help="bind address (default serve.host)")
     p.add_argument('--port', type=int, default=None, help="TCP port (default serve.port)")
 
-@command('serve', "serve the active controller over HTTP", _serve_args)
+@command('serve', "serve the active controller over HTTP", _serve_args, loads='slm')
 def _cmd_serve(ns, cfg):
     from research_controller.config import replace_config
     over = {k: v for k, v in (('serve.host', ns.host), ('serve.port', ns.port)) if v is not None}
     if over: cfg = replace_config(cfg, over)
     try: from research_controller.serve import serve
-    except ImportError as e: raise CLIError(f"rc serve needs the [serve] extra ({e}); pip install 'research_controller[serve]'.", code=1) from None
+    except ImportError as e: raise CLIError(f"rc serve needs the [serve] extra ({e}); pip install 'research_controller[serve]'.", code=ExitCode.FAILED) from None
     serve(cfg); return 0
 
 def _report_args(p):
@@ -275,6 +341,53 @@ def _cmd_report(ns, cfg):
         elif isinstance(v, list): v = f"{len(v)} files"
         _print(f"{k}: {v}")
     return 0
+
+# %% ../nbs/17_cli.ipynb #d48008e7
+def _rc_command(argv:Sequence[str]) -> str|None:
+    "The subcommand when `argv` (a process's command line) runs `rc`, else None."
+    for i, a in enumerate(argv[:3]):
+        if Path(a).name == 'rc' or a == 'research_controller.cli' or a.endswith('research_controller/cli.py'):
+            cmd = argv[i + 1] if len(argv) > i + 1 else None  # rc takes no option before the command but --help
+            return cmd if cmd and not cmd.startswith('-') else None
+    return None
+
+# %% ../nbs/17_cli.ipynb #c333055b
+def _ancestors() -> set:
+    "This process and the ids of its parents, from /proc."
+    pids, pid = {os.getpid()}, os.getpid()
+    while pid > 1:
+        try: pid = int(next(l for l in Path(f'/proc/{pid}/status').read_text().splitlines() if l.startswith('PPid:')).split()[1])
+        except (OSError, StopIteration, ValueError): break
+        pids.add(pid)
+    return pids
+
+def other_rc_processes(commands:Collection[str]|None=None, # subcommands that count; None = those that load the SLM
+                      ) -> list:
+    "`(pid, 'rc COMMAND')` of every other process running one of `commands`, from /proc (empty where there is none)."
+    commands, mine, found = set(slm_commands() if commands is None else commands), _ancestors(), []
+    for d in Path('/proc').glob('[0-9]*'):
+        if int(d.name) in mine: continue
+        try: argv = [a.decode(errors='replace') for a in (d/'cmdline').read_bytes().split(b'\0') if a]
+        except OSError: continue
+        c = _rc_command(argv)
+        if c in commands: found.append((int(d.name), f"rc {c}"))
+    return sorted(found)
+
+# %% ../nbs/17_cli.ipynb #2f6a035a
+def cores_busy(load:float|None=None, # 1-minute load average; None = os.getloadavg()
+               n_cores:int|None=None, # cores this process may run on; None = its CPU affinity
+               others:list|None=None, # other rc processes [(pid, 'rc cycle')]; None = `other_rc_processes()`
+              ) -> str|None:
+    "A one-line warning when the cores are already busy (load >= cores, or another `rc` loading the SLM), else None."
+    n = n_cores or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)
+    if load is None:
+        try: load = os.getloadavg()[0]
+        except OSError: load = 0.0
+    others = other_rc_processes() if others is None else others
+    why = ([f"load {load:.1f}"] if load >= n else []) + [f"{c} is running as pid {pid}" for pid, c in others]
+    if not why: return None
+    return (f"the {n} CPU core{'s' * (n != 1)} are busy ({'; '.join(why)}): torch threads will compete and this run can be several "
+            "times slower than its share of the cores. Run one rc job at a time, or start each with OMP_NUM_THREADS=1 (one torch thread each).")
 
 # %% ../nbs/17_cli.ipynb #d080135a
 def _setup_logging(level:str):
@@ -296,29 +409,32 @@ def _quiet_imports():
 def main(argv:Sequence[str]|None=None) -> int:
     "Run the `rc` command line with `argv` (default `sys.argv[1:]`); returns the exit code."
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_imports()  # keep stdout clean for `--json`
     parser = build_parser()
-    name = 'rc'
+    name = f"rc {argv[0]}" if argv and argv[0] in COMMANDS else 'rc'  # a parse error names the command too
     try:
         try: ns = parser.parse_args(argv)
         except SystemExit as e: return int(e.code or 0)  # --help
-        if ns.command is None: parser.print_help(sys.stdout); return 2
-        name = f"rc {ns.command}"
+        if ns.command is None: parser.print_help(sys.stdout); return ExitCode.BAD_INPUT
+        name, loads = f"rc {ns.command}", COMMANDS[ns.command]['loads']
         cfg = load_config(ns.config, ns.overrides)
     except (CLIError, ConfigError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr); return getattr(e, 'code', 2)
+        print(f"{name}: error: {e}", file=sys.stderr); return getattr(e, 'code', ExitCode.BAD_INPUT)
+    if loads != 'files': _quiet_imports()  # keep stdout clean for `--json`
+    if loads == 'slm' and (busy := cores_busy()): print(f"{name}: warning: {busy}", file=sys.stderr)
     undo = _setup_logging(ns.log_level)
     try: return int(COMMANDS[ns.command]['run'](ns, cfg) or 0)
     except (CLIError, ConfigError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr); return getattr(e, 'code', 2)
+        print(f"{name}: error: {e}", file=sys.stderr); return getattr(e, 'code', ExitCode.BAD_INPUT)
+    except RegistryError as e:
+        print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr); return ExitCode.REGISTRY
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr); return 130
+        print(f"{name}: interrupted", file=sys.stderr); return ExitCode.INTERRUPTED
     except Exception as e:
         log.debug("traceback:\n%s", traceback.format_exc())
         msg = ' '.join(str(e).split())
         print(f"{name}: error: {type(e).__name__}: {msg}" + ('' if ns.log_level == 'debug' else ' (rerun with --log-level debug for the traceback)'),
               file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     finally: undo()
 
 # %% ../nbs/17_cli.ipynb #58e2a0ab

@@ -6,19 +6,24 @@ Docs: https://research-controller.github.io/research_controller/registry.html.md
 
 # %% ../nbs/09_registry.ipynb #1b13596e
 from __future__ import annotations
-import datetime, hashlib, json, os, re, shutil, tempfile
+import contextlib, datetime, hashlib, json, logging, os, re, shutil
 from pathlib import Path
-from typing import Any
 from fastcore.basics import patch_to
 from filelock import FileLock, Timeout
-from .config import Config, atomic_write_json, config_to_dict, make_temp_dir, run_path, sha256_file
+from .config import FILE_MODE, Config, apply_mode, atomic_write_json, config_to_dict, current_umask, make_dir
+from .config import make_temp_dir, run_path, sha256_file
 
 # %% auto #0
-__all__ = ['META_REQUIRED', 'META_OPTIONAL', 'RegistryError', 'version_name', 'ControllerRegistry']
+__all__ = ['log', 'META_REQUIRED', 'META_OPTIONAL', 'RegistryError', 'version_name', 'ControllerRegistry']
 
 # %% ../nbs/09_registry.ipynb #ff0cf906
+log = logging.getLogger(__name__)
+
 class RegistryError(RuntimeError):
     "A registry operation that was refused: corrupt or mismatched checkpoint, unknown version, bad metadata."
+    def __init__(self, msg:str, # the whole message: what is wrong, in which file, and the fix
+                 reason:str|None=None): # the cause alone, for a listing (default: `msg`)
+        super().__init__(msg); self.reason = reason or msg
 
 def _now() -> str: return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='milliseconds')
 
@@ -45,8 +50,8 @@ class ControllerRegistry:
                  feature_dim:int|None=None, # expected state-vector size; other checkpoints are refused
                  lock_timeout_s:float=60.0):
         self.root = Path(root); self.slm_fingerprint, self.feature_dim = slm_fingerprint, feature_dim
-        (self.root/'versions').mkdir(parents=True, exist_ok=True)
-        self.lock = FileLock(str(self.root/'registry.lock'), timeout=lock_timeout_s)
+        make_dir(self.root/'versions')
+        self.lock = FileLock(str(self.root/'registry.lock'), timeout=lock_timeout_s, mode=FILE_MODE & ~current_umask())
 
     @classmethod
     def from_config(cls, cfg:Config, slm_fingerprint:str|None=None, feature_dim:int|None=None) -> ControllerRegistry:
@@ -77,26 +82,90 @@ def _vdir(self, version) -> Path:
 def meta(self, version:int|str) -> dict:
     "The metadata of `version` as stored (not verified; see `verify`)."
     p = self._vdir(version)/'meta.json'
-    try: return json.loads(p.read_text(encoding='utf-8'))
-    except FileNotFoundError: raise RegistryError(f"{version_name(version)} has no meta.json; the version is incomplete, register the checkpoint again.") from None
-    except json.JSONDecodeError as e: raise RegistryError(f"{version_name(version)}/meta.json is not valid JSON ({e}); the version is corrupt.") from None
+    try: m = json.loads(p.read_text(encoding='utf-8'))
+    except FileNotFoundError: reason = "it is missing"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: reason = f"not valid JSON: {e}"
+    else:
+        if isinstance(m, dict): return m
+        reason = f"a JSON {type(m).__name__}, not an object"
+    raise RegistryError(f"{str(p)!r} is bad ({reason}); {version_name(version)} cannot be used: register its checkpoint again, "
+                        "or roll back to another version.", reason=reason)
 
 @patch_to(ControllerRegistry)
 def history(self) -> list:
     "Every register/promote/rollback event, oldest first."
+    p, events = self.root/'history.jsonl', []
+    if not p.exists(): return events
+    def bad(where, why): return RegistryError(f"{str(p)!r} is corrupt {where}({why}); it is append-only and must not be edited "
+                                              "by hand: restore it from a backup.", reason=why)
+    try: lines = p.read_text(encoding='utf-8').split('\n')
+    except UnicodeDecodeError as e: raise bad('', f"not UTF-8 text: {e}") from None
+    lines.pop()  # '' after the last newline, or a torn last line (a crash mid-append) that carries no event
+    for i, line in enumerate(lines, 1):
+        try: e = json.loads(line)
+        except json.JSONDecodeError as x: raise bad(f"at line {i} ", f"not JSON: {x}") from None
+        if not (isinstance(e, dict) and isinstance(e.get('seq'), int) and isinstance(e.get('event'), str) and isinstance(e.get('version'), str)):
+            raise bad(f"at line {i} ", "not an event with an integer 'seq', an 'event' and a 'version'")
+        events.append(e)
+    return events
+
+# %% ../nbs/09_registry.ipynb #164aefbb
+_ALIAS_KEYS = ('version', 'seq', 'event', 'who', 'why', 'at')
+
+@patch_to(ControllerRegistry)
+def _moves(self) -> list:
+    "The promote and rollback events of the history, oldest first."
+    return [e for e in self.history() if e['event'] in ('promote', 'rollback')]
+
+@patch_to(ControllerRegistry)
+def _alias_fix(self) -> str:
+    "How to rewrite `active.json` from the history: what the history records as active, and the command."
     p = self.root/'history.jsonl'
-    if not p.exists(): return []
-    text = p.read_text(encoding='utf-8'); lines = text.split('\n')
-    if lines and lines[-1] == '': lines.pop()
-    elif lines: lines.pop()  # a torn last line (crash mid-append) carries no event
-    try: return [json.loads(l) for l in lines]
-    except json.JSONDecodeError as e: raise RegistryError(f"{str(p)!r} is corrupt ({e}); it is append-only and must not be edited by hand.") from None
+    if not p.exists() or not p.stat().st_size: return f"the audit trail {str(p)!r} is gone too: restore it from a backup, then run `rc rollback`."
+    try: moves = self._moves()
+    except RegistryError as e: return f"the history cannot tell what is active either: {e}"
+    if not moves: return "the history records no promotion, so nothing is active: delete active.json."
+    last = moves[-1]; v, prev = last['version'], last.get('previous')
+    return (f"history.jsonl records {v} as active (event {last['seq']}): `rc rollback {v} --why 'repair active.json'` rewrites it"
+            + (f", or `rc rollback previous --why ...` goes back to {prev}." if prev and prev != v else "."))
+
+@patch_to(ControllerRegistry)
+def _alias(self) -> dict|None:
+    "The `active.json` record (None when the file is missing); a garbled one raises `RegistryError` naming the file and the fix."
+    p = self.root/'active.json'
+    try: a = json.loads(p.read_text(encoding='utf-8'))
+    except FileNotFoundError: return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: why = f"not valid JSON: {e}"
+    else:
+        v = a.get('version') if isinstance(a, dict) else None
+        with contextlib.suppress(RegistryError):
+            if isinstance(v, str): return {**a, 'version': version_name(v)}
+        why = f"no valid 'version': {v!r}" if isinstance(a, dict) else f"a JSON {type(a).__name__}, not an object"
+    raise RegistryError(f"{str(p)!r} is unreadable ({why}); {self._alias_fix()}", reason=why)
+
+@patch_to(ControllerRegistry)
+def _rebuild_alias(self, ev:dict) -> dict:
+    "Write the missing `active.json` from history event `ev`; returns its record (also when the file cannot be written)."
+    p, rec = self.root/'active.json', {k: ev.get(k) for k in _ALIAS_KEYS}
+    try:
+        self._locked()
+        try:
+            if p.exists(): return rec  # another process rebuilt it meanwhile
+            atomic_write_json(p, rec)
+        finally: self.lock.release()
+    except (OSError, RegistryError) as e:
+        log.warning(f"{str(p)!r} is missing and could not be rebuilt ({e}); using history.jsonl event {ev['seq']} ({ev['version']} active).")
+        return rec
+    log.warning(f"{str(p)!r} was missing; rebuilt it from history.jsonl event {ev['seq']} ({ev['version']} active).")
+    return rec
 
 @patch_to(ControllerRegistry)
 def active(self) -> str|None:
-    "The active version, or None before the first promotion."
-    p = self.root/'active.json'
-    return json.loads(p.read_text(encoding='utf-8'))['version'] if p.exists() else None
+    "The active version, or None before the first promotion; a missing `active.json` is rebuilt from the history."
+    a = self._alias()
+    if a is not None: return a['version']
+    moves = self._moves()
+    return self._rebuild_alias(moves[-1])['version'] if moves else None
 
 # %% ../nbs/09_registry.ipynb #308933cf
 @patch_to(ControllerRegistry)
@@ -106,12 +175,15 @@ def verify(self, version:int|str) -> dict:
     for k, tp in META_REQUIRED.items():
         if not isinstance(m.get(k), tp): raise RegistryError(f"{v}/meta.json lacks a valid {k!r}; the version is corrupt.")
     if m.get('version') != v: raise RegistryError(f"{v}/meta.json says it is {m.get('version')!r}; the version directory was moved or corrupted.")
-    ck = d/m.get('checkpoint', {}).get('file', 'checkpoint.pt')
+    rec = m.get('checkpoint')
+    if not (isinstance(rec, dict) and isinstance(rec.get('sha256'), str) and isinstance(rec.get('file'), str) and Path(rec['file']).name == rec['file']):
+        raise RegistryError(f"{v}/meta.json lacks a valid 'checkpoint' record (file and sha256); the version is corrupt: register its checkpoint again.")
+    ck = d/rec['file']
     if not ck.exists(): raise RegistryError(f"{v} has no checkpoint file {ck.name}; the version is incomplete, register it again.")
     sha = sha256_file(ck)
-    if sha != m['checkpoint']['sha256']:
+    if sha != rec['sha256']:
         raise RegistryError(f"checkpoint of {v} is corrupt: {ck.name} hashes to {sha[:12]}, but meta.json records "
-                            f"{m['checkpoint']['sha256'][:12]}. Do not use it: register the original checkpoint again, or roll back to another version.")
+                            f"{rec['sha256'][:12]}. Do not use it: register the original checkpoint again, or roll back to another version.")
     self._check_expected(m, v)
     return m
 
@@ -132,16 +204,30 @@ def checkpoint(self, version:int|str|None=None) -> Path:
     m = self.verify(v)
     return self._vdir(v)/m['checkpoint']['file']
 
+# %% ../nbs/09_registry.ipynb #17338f2c
+@patch_to(ControllerRegistry)
+def _require_history(self):
+    "Refuse to write when the audit trail is gone (or empty) but the registry holds versions or an alias."
+    p = self.root/'history.jsonl'
+    if p.exists() and p.stat().st_size: return
+    vs, act = self.versions(), (self.root/'active.json').exists()
+    if not (vs or act): return  # a new registry: its first write starts the history
+    held = ' and '.join(x for x in ((f"{len(vs)} version{'s' * (len(vs) != 1)} ({vs[0] if len(vs) == 1 else vs[0] + '..' + vs[-1]})" if vs else ''),
+                                    ('active.json' if act else '')) if x)
+    raise RegistryError(f"the audit trail {str(p)!r} is {'empty' if p.exists() else 'gone'} but the registry holds {held}; "
+                        "restore history.jsonl from a backup (the registry will not start a new one and lose who promoted what and why). "
+                        "With no backup, move the registry folder aside and start a new registry.", reason=f"history.jsonl is {'empty' if p.exists() else 'gone'}")
+
 # %% ../nbs/09_registry.ipynb #f6021128
 @patch_to(ControllerRegistry)
 def _append(self, event:dict) -> dict:
-    "Append one event to history.jsonl (caller holds the lock)."
+    "Append one event to history.jsonl (caller holds the lock and has checked `_require_history`)."
     hist = self.history()
     event = {'seq': (hist[-1]['seq'] + 1) if hist else 1, **event, 'at': _now()}
     p = self.root/'history.jsonl'
     if p.exists() and p.stat().st_size and not p.read_bytes().endswith(b'\n'):  # drop a torn line left by a crash
         with open(p, 'rb+') as f: f.truncate(p.read_bytes().rfind(b'\n') + 1)
-    with open(p, 'a', encoding='utf-8') as f:
+    with open(os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), 'a', encoding='utf-8') as f:  # a new file gets the policy mode
         f.write(json.dumps(event, ensure_ascii=False) + '\n'); f.flush(); os.fsync(f.fileno())
     return event
 
@@ -171,13 +257,14 @@ def register(self, checkpoint_path:str|Path, # a checkpoint file (opaque bytes)
     sha = sha256_file(src)
     self._locked()
     try:
+        self._require_history()
         vs = self.versions(); v = version_name(int(vs[-1][1:]) + 1 if vs else 1)
         if 'parent_version' not in m: m['parent_version'] = self.active()
         elif m['parent_version'] is not None: m['parent_version'] = version_name(m['parent_version']); self._vdir(m['parent_version'])
         if 'config' in m: m.setdefault('config_hash', _cfg_hash(m['config']))
         tmp = make_temp_dir(self.root/'versions', prefix=f'.{v}.')
         try:
-            shutil.copyfile(src, tmp/'checkpoint.pt')
+            apply_mode(shutil.copyfile(src, tmp/'checkpoint.pt'))
             if sha256_file(tmp/'checkpoint.pt') != sha: raise RegistryError(f"checkpoint {str(src)!r} changed while it was copied; register it again once it is written.")
             meta = {'version': v, **m, 'checkpoint': {'file': 'checkpoint.pt', 'sha256': sha, 'bytes': src.stat().st_size},
                     'registered_at': _now()}
@@ -192,22 +279,25 @@ def register(self, checkpoint_path:str|Path, # a checkpoint file (opaque bytes)
 
 # %% ../nbs/09_registry.ipynb #41d32cb3
 @patch_to(ControllerRegistry)
-def _set_active(self, event:str, version, who:str, why:str, extra:dict|None=None) -> dict:
-    "Verify `version`, append the event and move the alias (caller holds the lock)."
+def _set_active(self, event:str, version, who:str, why:str, cur:str|None, # the version active now
+                extra:dict|None=None, repaired:str|None=None) -> dict: # `repaired`: what was wrong with active.json
+    "Verify `version`, append the event and move the alias from `cur` (caller holds the lock)."
     for k, s in (('who', who), ('why', why)):
         if not isinstance(s, str) or not s.strip(): raise RegistryError(f"{event} needs a non-empty {k!r} for the audit trail.")
     v = version_name(version); self.verify(v)
-    cur = self.active()
-    if cur == v: raise RegistryError(f"{v} is already the active version.")
-    ev = self._append({'event': event, 'version': v, 'previous': cur, 'who': who, 'why': why, **(extra or {})})
-    atomic_write_json(self.root/'active.json', {k: ev[k] for k in ('version', 'seq', 'event', 'who', 'why', 'at')})
+    if cur == v and repaired is None: raise RegistryError(f"{v} is already the active version.")
+    ev = self._append({'event': event, 'version': v, 'previous': cur, 'who': who, 'why': why, **(extra or {}),
+                       **({'repaired': repaired} if repaired else {})})
+    atomic_write_json(self.root/'active.json', {k: ev[k] for k in _ALIAS_KEYS})
     return ev
 
 @patch_to(ControllerRegistry)
 def promote(self, version:int|str, who:str, why:str, decision:dict|None=None) -> dict:
     "Make `version` active (after verifying it); returns the history event."
     self._locked()
-    try: return self._set_active('promote', version, who, why, {'decision': decision} if decision is not None else None)
+    try:
+        self._require_history()
+        return self._set_active('promote', version, who, why, self.active(), {'decision': decision} if decision is not None else None)
     finally: self.lock.release()
 
 @patch_to(ControllerRegistry)
@@ -215,13 +305,16 @@ def rollback(self, version:int|str|None=None, who:str='', why:str='') -> dict:
     "Make an earlier version active again (None = the one active before the current); returns the history event."
     self._locked()
     try:
-        cur = self.active()
-        if cur is None: raise RegistryError("nothing to roll back: no version has been promoted yet.")
+        self._require_history()
+        moves = self._moves()
+        try: cur, repaired = self.active(), None
+        except RegistryError as e: cur, repaired = (moves[-1]['version'] if moves else None), f"active.json was unreadable ({e.reason})"
+        if cur is None: raise RegistryError("nothing to roll back: the history records no promotion yet.")
         if version is None:
-            setter = [e for e in self.history() if e['event'] in ('promote', 'rollback') and e['version'] == cur][-1]
-            version = setter['previous']
+            setters = [e for e in moves if e['version'] == cur and e.get('previous') not in (None, cur)] or [{}]
+            version = setters[-1].get('previous')
             if version is None: raise RegistryError(f"{cur} was the first active version; there is nothing before it to roll back to.")
-        return self._set_active('rollback', version, who, why)
+        return self._set_active('rollback', version, who, why, cur, repaired=repaired)
     finally: self.lock.release()
 
 # %% ../nbs/09_registry.ipynb #2e38cfa6
@@ -232,17 +325,21 @@ def check(self) -> list:
     for v in self.versions():
         try: self.verify(v)
         except RegistryError as e: probs.append(str(e))
-    try: hist = self.history()
-    except RegistryError as e: return probs + [str(e)]
+    try: self._require_history(); hist = self.history()
+    except RegistryError as e: probs.append(str(e)); hist = None
+    try: a = self._alias()
+    except RegistryError as e: probs.append(str(e)); a = False
+    if hist is None: return probs
     if [e['seq'] for e in hist] != list(range(1, len(hist) + 1)): probs.append("history sequence numbers are not 1..n: events were lost or edited.")
     moves = [e for e in hist if e['event'] in ('promote', 'rollback')]
     for e in moves:
         if not (self.root/'versions'/e['version']).is_dir(): probs.append(f"history event {e['seq']} points to missing version {e['version']}.")
-    act = (self.root/'active.json')
-    if moves:
-        a = json.loads(act.read_text()) if act.exists() else {}
-        if (a.get('version'), a.get('seq')) != (moves[-1]['version'], moves[-1]['seq']):
-            probs.append(f"active.json ({a.get('version')}, seq {a.get('seq')}) disagrees with the last history event "
-                         f"({moves[-1]['version']}, seq {moves[-1]['seq']}).")
-    elif act.exists(): probs.append("active.json exists but the history has no promotion.")
+    p = self.root/'active.json'
+    if moves and a is None:
+        probs.append(f"{str(p)!r} is missing; history.jsonl records {moves[-1]['version']} as active (event {moves[-1]['seq']}), "
+                     "and reading the active version rebuilds the file.")
+    elif moves and a and (a['version'], a.get('seq')) != (moves[-1]['version'], moves[-1]['seq']):
+        probs.append(f"{str(p)!r} ({a['version']}, seq {a.get('seq')}) disagrees with the last history event "
+                     f"({moves[-1]['version']}, seq {moves[-1]['seq']}); {self._alias_fix()}")
+    elif not moves and a: probs.append(f"{str(p)!r} exists but the history has no promotion; delete it.")
     return probs
