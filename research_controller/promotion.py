@@ -13,7 +13,7 @@ from typing import Any, Optional
 from fastcore.basics import patch_to
 from filelock import FileLock, Timeout
 from .config import Config, EvaluateConfig, config_hash, config_to_dict, load_config, run_path, sha256_file
-from .config import atomic_write_json
+from .config import atomic_write_json, make_dir
 from .network import load_checkpoint
 from .selfplay import run_selfplay
 from .train import open_buffer, train
@@ -213,7 +213,7 @@ def make_report(champion:SuiteResult, challenger:SuiteResult, decision:Promotion
 
 def write_report(report:TrainingReport, reports_dir:str|Path, lock_timeout_s:float=60.0) -> Path:
     "Write `report` atomically as the next `cycle-NNNNN.json` (or its own `cycle`) in `reports_dir`."
-    d = Path(reports_dir); d.mkdir(parents=True, exist_ok=True)
+    d = make_dir(reports_dir)
     with FileLock(str(d/'reports.lock'), timeout=lock_timeout_s):
         done = [int(m.group(1)) for p in d.glob('cycle-*.json') if (m := re.fullmatch(r'cycle-(\d+)\.json', p.name))]
         cycle = report.cycle if report.cycle is not None else max(done, default=0) + 1
@@ -268,7 +268,7 @@ class OnlineLearningCoordinator:
         self.buffer_path = Path(buffer_path) if buffer_path is not None else run_path(cfg, cfg.selfplay.out_dir)/'buffer'
         self.reports_dir = run_path(cfg, cfg.promotion.reports_dir)
         self.state_path = self.reports_dir/'coordinator_state.json'
-        self.reports_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.reports_dir)
         self.lock = FileLock(str(self.reports_dir/'cycle.lock'), timeout=cfg.promotion.lock_timeout_s)
 
     def _controller(self, ref):
@@ -523,17 +523,20 @@ def cycle(cfg:Config, # the config (all sections)
         return CycleOutcome(None, co._bare_report('skipped', started, [f"SKIP another cycle is running (lock {str(co.lock.lock_file)!r})."]),
                             time.perf_counter() - t0)
     try:
+        what = 'reading the coordinator state'
         try:
             state = co.load_state()
+            what = 'reading the active version from the registry'
             v = co.registry.active()
-            sp = co.selfplay_fn(cfg, checkpoint=co.registry.checkpoint(v) if v else None, buffer_path=co.buffer_path,
+            ck = co.registry.checkpoint(v) if v else None
+            what = 'playing self-play episodes'
+            sp = co.selfplay_fn(cfg, checkpoint=ck, buffer_path=co.buffer_path,
                                 seed=cfg.selfplay.seed + 1000 * state['selfplay_runs'], progress=progress)
             if not dry_run: co.save_state({**co.load_state(), 'selfplay_runs': state['selfplay_runs'] + 1})
         except Exception as e:
-            import traceback
             err = f"{type(e).__name__}: {e}"
-            rep = co._bare_report('error', started, [f"ERROR during self-play: {err}"], error=err,
-                                  extra={'traceback': traceback.format_exc()[-4000:]})
+            rep = co._bare_report('error', started, [f"ERROR while {what}: {err}"], error=err,
+                                  extra={'stage': what, 'traceback': traceback.format_exc()[-4000:]})
             if not dry_run: write_report(rep, co.reports_dir, cfg.promotion.lock_timeout_s)
             return CycleOutcome(None, rep, time.perf_counter() - t0)
         spx = {k: getattr(sp, k, None) for k in ('episodes', 'positions', 'mean_reward', 'seconds', 'buffer_path')}
