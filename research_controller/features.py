@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 import numpy as np
 import torch
+from fastcore.basics import patch
 from .config import Config, ConfigError, FeaturesConfig, load_config
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ def feature_dim(hidden_size:int) -> int:
     "Length of the state vector for an SLM of width `hidden_size`."
     return hidden_size + N_SCALARS
 
+# %% ../nbs/02_features.ipynb #5aaab42a
 def feature_names(hidden_size:int) -> list[str]:
     "Names of the state-vector entries, in order."
     return list(FEATURE_SCALARS) + [f"h{i:04d}" for i in range(hidden_size)]
@@ -123,24 +125,28 @@ class TextEmbedder:
         self.dim = self.model.get_embedding_dimension() if hasattr(self.model, 'get_embedding_dimension') else self.model.get_sentence_embedding_dimension()
         self.calls = self.encoded = 0
         log.info("loaded sentence embedder %s (dim %d) in %.1fs", Path(path).name, self.dim, time.time() - t0)
+    def __repr__(self): return f"TextEmbedder(dim={self.dim}, max_chars={self.max_chars}, cached={len(self.cache)})"
 
-    def embed(self, texts:Sequence[str]) -> np.ndarray:
-        "Unit-norm embeddings [len(texts), dim] of the last `max_chars` characters of each text (empty text -> zeros)."
-        keys = [t[-self.max_chars:] for t in texts]
-        todo = list(dict.fromkeys(k for k in keys if k.strip() and k not in self.cache))
-        if todo:
-            with torch.inference_mode():
-                embs = self.model.encode(todo, batch_size=max(1, len(todo)), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-            self.calls += 1; self.encoded += len(todo)
-            for k, e in zip(todo, embs):
-                self.cache[k] = e.astype(np.float32)
-                if len(self.cache) > self.cache_size: self.cache.popitem(last=False)
-        out = np.zeros((len(keys), self.dim), np.float32)
-        for i, k in enumerate(keys):
-            if k.strip():
-                self.cache.move_to_end(k); out[i] = self.cache[k]
-        return out
+# %% ../nbs/02_features.ipynb #dba4aefd
+@patch
+def embed(self:TextEmbedder, texts:Sequence[str]) -> np.ndarray:
+    "Unit-norm embeddings [len(texts), dim] of the last `max_chars` characters of each text (empty text -> zeros)."
+    keys = [t[-self.max_chars:] for t in texts]
+    todo = list(dict.fromkeys(k for k in keys if k.strip() and k not in self.cache))
+    if todo:
+        with torch.inference_mode():
+            embs = self.model.encode(todo, batch_size=max(1, len(todo)), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        self.calls += 1; self.encoded += len(todo)
+        for k, e in zip(todo, embs):
+            self.cache[k] = e.astype(np.float32)
+            if len(self.cache) > self.cache_size: self.cache.popitem(last=False)
+    out = np.zeros((len(keys), self.dim), np.float32)
+    for i, k in enumerate(keys):
+        if k.strip():
+            self.cache.move_to_end(k); out[i] = self.cache[k]
+    return out
 
+# %% ../nbs/02_features.ipynb #0a6bbb7d
 @functools.lru_cache(maxsize=2)
 def _embedder(path:str, max_chars:int) -> TextEmbedder: return TextEmbedder(path, max_chars)
 
@@ -157,6 +163,7 @@ def assemble_features(entropy:float, logit_gap:float, entropy_z:float, drift:flo
     head = np.array([entropy, logit_gap, entropy_z, drift, position, float(in_thought)], np.float32)
     return np.concatenate([head, np.asarray(pooled, np.float32).ravel()])
 
+# %% ../nbs/02_features.ipynb #1c0577eb
 def feature_summary(vec:np.ndarray, extra:dict|None=None) -> dict:
     "Named scalar features of a state vector, plus the hidden-state norm (and any `extra` values), rounded for traces."
     d = {n: round(float(v), 4) for n, v in zip(FEATURE_SCALARS, vec[:N_SCALARS])}

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Callable, Optional
 import numpy as np
+from fastcore.basics import patch
 from .config import Config, MacroConfig, load_config
 
 # %% auto #0
@@ -29,6 +30,7 @@ class Action(IntEnum):
 N_ACTIONS = len(Action)
 ACTION_NAMES = tuple(a.name for a in Action)
 
+# %% ../nbs/03_macro_actions.ipynb #c5353735
 class MacroActionError(ValueError):
     "An action that is illegal in the current state; the message says why and which actions are legal."
 
@@ -89,6 +91,7 @@ def legal_mask(ms:MacroState, mc:MacroConfig) -> np.ndarray:
     "Boolean mask over `Action` ids of the actions legal in `ms`."
     return np.array([_why_illegal(ms, a, mc) is None for a in Action], dtype=np.bool_)
 
+# %% ../nbs/03_macro_actions.ipynb #de33783e
 def check_action(ms:MacroState, a, mc:MacroConfig) -> Action:
     "Return `a` as an `Action`, or raise `MacroActionError` saying why it is illegal and what is legal."
     try: a = Action(int(a))
@@ -136,8 +139,14 @@ def plan_stop(ms:MacroState, mc:MacroConfig) -> Plan: return Plan(Action.STOP, m
 ACTION_PLANNERS: dict[Action, Callable[[MacroState, MacroConfig], Plan]] = {
     Action.CONTINUE: plan_continue, Action.THINK_BEGIN: plan_think_begin, Action.THINK_END: plan_think_end,
     Action.RESAMPLE: plan_resample, Action.STOP: plan_stop}
-Action.planner = property(lambda self: ACTION_PLANNERS[self])
 
+# %% ../nbs/03_macro_actions.ipynb #bfe90521
+@patch(as_prop=True)
+def planner(self:Action) -> Callable[[MacroState, MacroConfig], Plan]:
+    "The planner of this action (from `ACTION_PLANNERS`)."
+    return ACTION_PLANNERS[self]
+
+# %% ../nbs/03_macro_actions.ipynb #0d27105c
 def plan_action(ms:MacroState, a, mc:MacroConfig) -> Plan:
     "The `Plan` of action `a` in `ms` (raises `MacroActionError` when illegal)."
     a = check_action(ms, a, mc)
@@ -166,6 +175,7 @@ def apply_plan(plan:Plan, n_sampled:Optional[int]=None, eos:bool=False) -> Macro
     if not s.done and s.left <= 0: s = replace(s, done=True, reason='budget')
     return s
 
+# %% ../nbs/03_macro_actions.ipynb #ea131df0
 def step_macro(ms:MacroState, a, mc:MacroConfig, n_sampled:Optional[int]=None, eos:bool=False) -> MacroState:
     "Check, plan and apply action `a` in one go (the symbolic twin of `Engine.step`)."
     return apply_plan(plan_action(ms, a, mc), n_sampled, eos)

@@ -35,11 +35,6 @@ class TreeEnv:
         self.expand_calls = self.expanded = 0
         self._vstar = {}
 
-    @classmethod
-    def random(cls, branching:int, depth:int, seed:int=0, **kw):
-        "A tree with uniform random rewards in [-1, 1]."
-        return cls(np.random.default_rng(seed).uniform(-1, 1, (branching,)*depth), **kw)
-
     def root(self): return ()
     def legal_mask(self, s):
         return np.ones(self.n_actions, bool) if self.legal_fn is None else np.asarray(self.legal_fn(s), bool)
@@ -51,10 +46,6 @@ class TreeEnv:
         for i, a in enumerate(s): f[i*self.n_actions + a] = 1
         f[-1] = len(s)/self.depth
         return f
-    def path_of(self, f):
-        "Invert `features`: the action tuple a feature vector encodes."
-        n = round(float(f[-1])*self.depth)
-        return tuple(int(np.argmax(f[i*self.n_actions:(i+1)*self.n_actions])) for i in range(n))
     def expand(self, parents, actions):
         self.expand_calls += 1; self.expanded += len(parents)
         out = []
@@ -63,19 +54,38 @@ class TreeEnv:
             if not self.legal_mask(s)[a]: raise ValueError(f"expand called with illegal action {a} at {s}")
             out.append(s + (int(a),))
         return out
-    def optimal_value(self, s):
-        "Exact value of `s` under optimal play."
-        if self.is_terminal(s): return self.terminal_value(s)
-        if s not in self._vstar:
-            m = self.legal_mask(s)
-            self._vstar[s] = max(self.optimal_value(s + (a,)) for a in range(self.n_actions) if m[a])
-        return self._vstar[s]
-    def best_actions(self, s):
-        "The legal actions that reach the optimal value from `s`."
-        m = self.legal_mask(s)
-        v = {a: self.optimal_value(s + (a,)) for a in range(self.n_actions) if m[a]}
-        return sorted(a for a in v if np.isclose(v[a], max(v.values())))
     def __repr__(self): return f"TreeEnv(branching={self.n_actions}, depth={self.depth})"
+
+# %% ../nbs/05_mcts.ipynb #b911fef7
+@patch(cls_method=True)
+def random(cls:TreeEnv, branching:int, depth:int, seed:int=0, **kw):
+    "A tree with uniform random rewards in [-1, 1]."
+    return cls(np.random.default_rng(seed).uniform(-1, 1, (branching,)*depth), **kw)
+
+# %% ../nbs/05_mcts.ipynb #967cd4bc
+@patch
+def path_of(self:TreeEnv, f):
+    "Invert `features`: the action tuple a feature vector encodes."
+    n = round(float(f[-1])*self.depth)
+    return tuple(int(np.argmax(f[i*self.n_actions:(i+1)*self.n_actions])) for i in range(n))
+
+# %% ../nbs/05_mcts.ipynb #e7a0b67c
+@patch
+def optimal_value(self:TreeEnv, s):
+    "Exact value of `s` under optimal play."
+    if self.is_terminal(s): return self.terminal_value(s)
+    if s not in self._vstar:
+        m = self.legal_mask(s)
+        self._vstar[s] = max(self.optimal_value(s + (a,)) for a in range(self.n_actions) if m[a])
+    return self._vstar[s]
+
+# %% ../nbs/05_mcts.ipynb #809e8a57
+@patch
+def best_actions(self:TreeEnv, s):
+    "The legal actions that reach the optimal value from `s`."
+    m = self.legal_mask(s)
+    v = {a: self.optimal_value(s + (a,)) for a in range(self.n_actions) if m[a]}
+    return sorted(a for a in v if np.isclose(v[a], max(v.values())))
 
 # %% ../nbs/05_mcts.ipynb #73a8775b
 def uniform_evaluator(features:np.ndarray, masks:np.ndarray):
@@ -83,6 +93,7 @@ def uniform_evaluator(features:np.ndarray, masks:np.ndarray):
     m = np.asarray(masks, np.float32)
     return m/np.maximum(m.sum(1, keepdims=True), 1), np.zeros(len(m), np.float32)
 
+# %% ../nbs/05_mcts.ipynb #1a31d9b1
 def oracle_evaluator(env:TreeEnv):
     "Evaluator for a `TreeEnv` with uniform priors and the exact optimal value."
     def f(features, masks):
@@ -111,28 +122,6 @@ class TokenCostEnv:
     def root(self, seed:int=0):
         h = self.torch.randn(self.hidden, generator=self.torch.Generator().manual_seed(seed))
         return _TokState(h, 0, 0, False, None)
-    def _forward(self, x):
-        F = self.torch.nn.functional
-        for a, o, u, d in self.layers:
-            x = x + self.torch.tanh(F.layer_norm(x, x.shape[-1:]) @ a) @ o
-            g, v = (F.layer_norm(x, x.shape[-1:]) @ u).chunk(2, -1)
-            x = x + (F.silu(g)*v) @ d
-        return x
-    def expand(self, parents, actions):
-        self.expand_calls += 1; self.expanded += len(parents)
-        stop = self.n_actions - 1
-        out = [None]*len(parents)
-        go = [i for i, a in enumerate(actions) if a != stop]
-        for i, a in enumerate(actions):
-            if a == stop: p = parents[i]; out[i] = _TokState(p.h, p.depth + 1, p.tokens, True, p)
-        if go:
-            with self.torch.inference_mode():
-                x = self.torch.stack([parents[i].h for i in go]) + self.act_emb[[actions[i] for i in go]]
-                for _ in range(self.tokens_per_step): x = self._forward(x)  # one batched forward per token
-                x = x/x.norm(dim=-1, keepdim=True)*math.sqrt(self.hidden)
-            for j, i in enumerate(go):
-                p = parents[i]; out[i] = _TokState(x[j], p.depth + 1, p.tokens + self.tokens_per_step, False, p)
-        return out
     def legal_mask(self, s):
         m = np.ones(self.n_actions, bool); m[-1] = s.depth > 0
         return m
@@ -141,6 +130,35 @@ class TokenCostEnv:
     def features(self, s): return (s.h.numpy() @ self.proj).astype(np.float32)
     def tokens_spent(self, s): return s.tokens
     def __repr__(self): return f"TokenCostEnv(dim={self.dim}, n_actions={self.n_actions}, tokens_per_step={self.tokens_per_step})"
+
+# %% ../nbs/05_mcts.ipynb #03a11072
+@patch
+def _forward(self:TokenCostEnv, x):
+    "One pre-norm decoder forward of the rows of `x`."
+    F = self.torch.nn.functional
+    for a, o, u, d in self.layers:
+        x = x + self.torch.tanh(F.layer_norm(x, x.shape[-1:]) @ a) @ o
+        g, v = (F.layer_norm(x, x.shape[-1:]) @ u).chunk(2, -1)
+        x = x + (F.silu(g)*v) @ d
+    return x
+
+@patch
+def expand(self:TokenCostEnv, parents, actions):
+    "Children of (parent, action) pairs; every non-STOP child costs `tokens_per_step` batched forwards."
+    self.expand_calls += 1; self.expanded += len(parents)
+    stop = self.n_actions - 1
+    out = [None]*len(parents)
+    go = [i for i, a in enumerate(actions) if a != stop]
+    for i, a in enumerate(actions):
+        if a == stop: p = parents[i]; out[i] = _TokState(p.h, p.depth + 1, p.tokens, True, p)
+    if go:
+        with self.torch.inference_mode():
+            x = self.torch.stack([parents[i].h for i in go]) + self.act_emb[[actions[i] for i in go]]
+            for _ in range(self.tokens_per_step): x = self._forward(x)  # one batched forward per token
+            x = x/x.norm(dim=-1, keepdim=True)*math.sqrt(self.hidden)
+        for j, i in enumerate(go):
+            p = parents[i]; out[i] = _TokState(x[j], p.depth + 1, p.tokens + self.tokens_per_step, False, p)
+    return out
 
 # %% ../nbs/05_mcts.ipynb #48dd470b
 class Node:
@@ -195,6 +213,7 @@ class SearchCallback:
     def on_leaf_batch(self, mcts, info:dict): pass  # info: leaves, terminals, collisions, sims_done, tokens_spent
     def on_search_end(self, mcts, result:SearchResult): pass
 
+# %% ../nbs/05_mcts.ipynb #d2afa7c3
 class SearchLog(SearchCallback):
     "Records every leaf batch and result (for tests, plots and debugging)."
     order = 10
@@ -347,6 +366,7 @@ def search(self:MCTS,
     self._cb('on_search_end', res)
     return res
 
+# %% ../nbs/05_mcts.ipynb #3a79d75f
 @patch
 def _settled(self:MCTS, root:Node, remaining:int) -> bool:
     n = np.sort(root.N[root.mask])[::-1]
@@ -377,6 +397,7 @@ def advance(self:MCTS, action:int):
     self.root = child if self.cfg.reuse_subtree and not child.terminal else None
     return child.state
 
+# %% ../nbs/05_mcts.ipynb #73cdb5b8
 def play_episode(mcts:MCTS, state, n_sims:int|None=None, add_noise:bool=False, max_moves:int=10_000):
     "Search and advance until a terminal state; returns (final state, list of SearchResult)."
     results = []
@@ -397,6 +418,7 @@ def visit_policy(visits:np.ndarray, temperature:float) -> np.ndarray:
     x = np.exp(x - x.max())
     return x/x.sum()
 
+# %% ../nbs/05_mcts.ipynb #cf377244
 def select_action(result:SearchResult, move:int, cfg:MCTSConfig, rng:np.random.Generator) -> int:
     "Self-play move: sampled from visits at `cfg.temperature` for the first `cfg.temperature_moves` moves, else `result.action`."
     if move < cfg.temperature_moves and cfg.temperature > 0:

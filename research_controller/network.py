@@ -14,6 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from fastcore.basics import patch
+from tqdm.auto import tqdm
 from .config import (Config, ConfigError, NetworkConfig, TrainConfig, atomic_write, config_hash,
                                         config_to_dict, replace_config)
 
@@ -174,9 +175,7 @@ def fit_steps(net:PolicyValueNet,
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     net.train(); hist = []
     it = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc='fit')
+    if progress: it = tqdm(it, desc='fit')
     for s in it:
         total, parts = loss(net, batch_fn(s), value_weight=cfg.value_weight)
         opt.zero_grad(set_to_none=True); total.backward()
@@ -204,6 +203,7 @@ class CheckpointError(ValueError):
 
 CKPT_FORMAT = 'research_controller.policy_value/1'
 
+# %% ../nbs/07_network.ipynb #155282a6
 def save_checkpoint(net:PolicyValueNet,
                     path:str|Path, # file to write (parent directories are created)
                     slm_fingerprint:str, # `model_fingerprint(model)` of the SLM the features came from

