@@ -99,7 +99,8 @@ class BaselinesConfig:
     sampling_temperature: float = setting(0.7, "temperature of the sampling baseline", lo=0.01, hi=10.0)
     sampling_top_p: float = setting(0.95, "nucleus mass of the sampling baseline", lo=0.01, hi=1.0)
     best_of_n: int = setting(4, "candidates of best-of-N; each gets 1/N of the token budget", unit='candidates', lo=1, hi=256)
-    best_of_n_scorer: str = setting('logprob', "how best-of-N picks: mean token log-prob, or the full reward", choices=['logprob', 'reward'])
+    best_of_n_scorer: str = setting('logprob', "how best-of-N picks: mean token log-prob (free), the SLM judge (its tokens count toward the budget), or the full reward (judge tokens count)", choices=['logprob', 'judge', 'reward'])
+    self_consistency_n: int = setting(4, "samples of self-consistency; each gets 1/N of the token budget, the majority answer wins", unit='samples', lo=1, hi=256)
     threshold_think_entropy: float = setting(3.0, "threshold controller opens a thought when next-token entropy exceeds this (the threshold_* defaults come from benchmarks/threshold_sweep.py)", unit='nats', lo=0.0, hi=20.0)
     threshold_resample_zscore: float = setting(20.0, "threshold controller resamples a chunk whose entropy z-score exceeds this; 20 (the maximum) practically never does", unit='std', lo=0.0, hi=20.0)
     threshold_varentropy: float = setting(4.0, "threshold controller treats varentropy above this as 'uncertain among many'", unit='nats^2', lo=0.0, hi=100.0)
@@ -217,10 +218,13 @@ class SelfPlayConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     "The fixed benchmark suite and the statistics on it."
-    suite_path: Optional[str] = setting(None, "benchmark suite JSON; null = the default suite built from data/")
+    suite_path: Optional[str] = setting(None, "benchmark suite JSON; null = the suite named by evaluate.suite, built from data/")
+    suite: str = setting('default', "the built-in suite when suite_path is null: 'default' (evaluate.tasks x evaluate.per_task items, a smoke test) or 'research' (the powered suite: 200 SQuAD, 80 WikiText, 60 NQ-Open, 40 GSM8K)", choices=['default', 'research'])
     tasks: list = setting(['squad', 'gsm8k', 'nq_open', 'wikitext'], "tasks in the default suite", choices=TASK_CHOICES, unique=True)
     per_task: int = setting(8, "items per task in the default suite", unit='items', lo=1, hi=100000)
     token_budget: int = setting(64, "tokens every controller and baseline may spend per item (equal budget)", unit='tokens', lo=1, hi=32768)
+    budgets: list = setting([64], "token budgets of a budget sweep (rc evaluate --budgets); each controller runs at each", unit='tokens', lo=1, hi=32768, unique=True)
+    batch_items: int = setting(8, "items generated together in one batched engine step where a controller allows it", unit='items', lo=1, hi=1024)
     bootstrap: int = setting(2000, "paired bootstrap resamples", unit='resamples', lo=100, hi=10**7)
     alpha: float = setting(0.05, "significance level of the paired tests", lo=1e-6, hi=0.5)
     correction: str = setting('holm', "multiple-comparison correction across metrics", choices=['holm', 'bonferroni', 'none'])
@@ -232,7 +236,8 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class PromotionConfig:
     "The gate a challenger must pass to replace the active controller."
-    min_reward_delta: float = setting(0.0, "challenger's mean reward must exceed the champion's by more than this", lo=-100.0, hi=100.0)
+    metric: str = setting('task', "what the gate compares: 'task' = each item's task score (SQuAD F1, GSM8K accuracy, NQ-Open EM, WikiText overlap), 'reward' = the composite reward", choices=['task', 'reward'])
+    min_reward_delta: float = setting(0.0, "challenger's mean score (promotion.metric) must exceed the champion's by more than this", lo=-100.0, hi=100.0)
     alpha: float = setting(0.05, "required significance of the reward improvement", lo=1e-6, hi=0.5)
     max_error_rate_increase: float = setting(0.0, "largest allowed rise in the fraction of failed items", lo=0.0, hi=1.0)
     max_latency_increase: float = setting(0.5, "largest allowed relative rise in mean latency (0.5 = +50%)", lo=0.0, hi=100.0)
@@ -335,6 +340,9 @@ def _check_value(key:str, f:dataclasses.Field, v):
         if md.get('choices'):
             wrong = [x for x in v if x not in md['choices']]
             if wrong: bad(f"has unknown {noun}(s) {wrong}")
+        if md.get('lo') is not None:
+            wrong = [x for x in v if isinstance(x, bool) or not isinstance(x, (int, float)) or not (md['lo'] <= x <= md['hi'])]
+            if wrong: bad(f"has item(s) {wrong} outside [{md['lo']}, {md['hi']}]")
         if md.get('unique'):
             twice = [x for i, x in enumerate(v) if x in v[:i]]
             if twice: bad(f"names {noun}(s) {twice} more than once")
