@@ -277,7 +277,7 @@ def _load_log(self:ReplayBuffer):
         try: rec = json.loads(line) if nl >= 0 else None
         except ValueError: rec = None
         if rec is None:
-            if nl >= 0 and data.find(b'\n', nl + 1) >= 0:
+            if nl >= 0:  # a whole line (a commit writes its line and newline together, so a crash can only leave a line without one)
                 raise ReplayBufferError(f"replay buffer log {str(p)!r} is corrupt at byte {self._log_offset + pos}; it cannot be repaired automatically, start a new buffer.path.")
             if not self.readonly:  # a torn last line from a crash: cut it off
                 with open(p, 'r+b') as f: f.truncate(self._log_offset + pos)
