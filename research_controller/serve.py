@@ -169,6 +169,9 @@ def json_too_deep(text:str, limit:int=MAX_JSON_DEPTH) -> int|None:
     return None
 
 # %% ../nbs/15_serve.ipynb #b0d1000a
+class _DuplicateKey(ValueError):
+    "A JSON object names a key twice (which one counts is parser-dependent, so a request may not do it)."
+
 def body_problem(body:bytes, # a request body sent as JSON
                  max_depth:int=MAX_JSON_DEPTH, # deepest nesting allowed
                 ) -> dict|None:
@@ -181,7 +184,15 @@ def body_problem(body:bytes, # a request body sent as JSON
         line, col = text.count('\n', 0, at) + 1, at - text.rfind('\n', 0, at)
         return bad(f"JSON nested deeper than {max_depth} levels (at line {line}, column {col}); a request is one flat object",
                    'json_too_deep', f"nested deeper than {max_depth} levels", line=line, column=col)
-    try: json.loads(text)
+    def no_dupes(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen: raise _DuplicateKey(k)
+            seen.add(k)
+        return dict(pairs)
+    try: json.loads(text, object_pairs_hook=no_dupes)
+    except _DuplicateKey as e:
+        return bad(f"JSON names the field {e.args[0]!r} twice; send each field once", 'json_duplicate_key', "duplicate key", str(e.args[0]))
     except json.JSONDecodeError as e:
         path = json_path_at(text, e.pos)
         return bad(f"malformed JSON at line {e.lineno}, column {e.colno}{'' if path == 'body' else f' (in {path})'}: {e.msg}",
