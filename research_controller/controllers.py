@@ -86,8 +86,6 @@ class SamplingBaseline(Controller):
     def decide(self, engine, s): return Action.CONTINUE, None
 
 # %% ../nbs/10_controllers.ipynb #f5ccfded
-def _mean_logprob(tip:Segment) -> float: return tip.lp_sum / tip.lp_n if tip.lp_n else -math.inf
-
 class BestOfN(Controller):
     "Sample N candidates at equal shares of the budget and return the best-scoring one."
     name = 'best_of_n'
@@ -98,42 +96,49 @@ class BestOfN(Controller):
         if self.n < 1: raise ValueError(f"best-of-N needs n >= 1 (got {self.n}); set baselines.best_of_n.")
         self.scorer, self._reward = scorer, None
 
-    def _scores(self, engine, cands, texts, item) -> list[float]:
-        if self.scorer is not None: return [float(self.scorer(t, item)) for t in texts]
-        if self.cfg.baselines.best_of_n_scorer == 'reward':
-            if self._reward is None: self._reward = RewardCalculator(self.cfg, engine.model, engine.tok)
-            return [float(self._reward(t, item, n_tokens=engine.tokens_spent(c), unclosed_thought=c.ms.in_thought).total)
-                    for t, c in zip(texts, cands)]
-        return [_mean_logprob(c.tip) for c in cands]
+# %% ../nbs/10_controllers.ipynb #901f4b80
+def _mean_logprob(tip:Segment) -> float: return tip.lp_sum / tip.lp_n if tip.lp_n else -math.inf
 
-    def generate(self, engine:Engine, prompt:str, max_new_tokens:Optional[int]=None, seed:int=0,
-                 include_thoughts:bool=False, item:Optional[dict]=None) -> GenerationResult:
-        "Generate N candidates with `max_new_tokens // N` tokens each; return the best with every candidate's cost."
-        t0 = time.perf_counter()
-        budget = _budget(engine, max_new_tokens)
-        n = min(self.n, budget)
-        per = budget // n
-        b = self.cfg.baselines
-        root = engine.new_state(prompt, per, seed=seed, temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
-        seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(n)]
-        cands = [engine.fork(root, seed=sd) for sd in seeds]
-        while True:
-            live = [c for c in cands if not engine.is_done(c)]
-            if not live: break
-            engine.step_batch(live, [Action.CONTINUE] * len(live))
-        texts = [engine.tok.decode(engine.visible_ids(c.tip), skip_special_tokens=True) for c in cands]
-        scores = self._scores(engine, cands, texts, item)
-        best = int(np.argmax(scores))
-        r = engine.result(cands[best], include_thoughts)
-        r.macro_trace = [dict(e, candidate=i) for i, c in enumerate(cands)
-                         for e in (r.macro_trace if i == best else engine.trace(c, include_thoughts))]
-        r.tokens = sum(engine.tokens_spent(c) for c in cands)
-        r.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
-        r.meta.update(controller=self.name, budget=budget, per_candidate_budget=per, chosen=best,
-                      scorer=getattr(self.scorer, '__name__', 'callback') if self.scorer else b.best_of_n_scorer,
-                      candidates=[dict(seed=sd, tokens=engine.tokens_spent(c), score=round(float(sc), 6), stop=c.ms.reason)
-                                  for sd, c, sc in zip(seeds, cands, scores)])
-        return r
+@patch
+def _scores(self:BestOfN, engine:Engine, cands:list, texts:list, item:dict|None) -> list[float]:
+    "The score of each candidate: the scorer, the full reward, or the mean log-probability of its visible tokens."
+    if self.scorer is not None: return [float(self.scorer(t, item)) for t in texts]
+    if self.cfg.baselines.best_of_n_scorer == 'reward':
+        if self._reward is None: self._reward = RewardCalculator(self.cfg, engine.model, engine.tok)
+        return [float(self._reward(t, item, n_tokens=engine.tokens_spent(c), unclosed_thought=c.ms.in_thought).total)
+                for t, c in zip(texts, cands)]
+    return [_mean_logprob(c.tip) for c in cands]
+
+# %% ../nbs/10_controllers.ipynb #047e9450
+@patch
+def generate(self:BestOfN, engine:Engine, prompt:str, max_new_tokens:Optional[int]=None, seed:int=0,
+             include_thoughts:bool=False, item:Optional[dict]=None) -> GenerationResult:
+    "Generate N candidates with `max_new_tokens // N` tokens each; return the best with every candidate's cost."
+    t0 = time.perf_counter()
+    budget = _budget(engine, max_new_tokens)
+    n = min(self.n, budget)
+    per = budget // n
+    b = self.cfg.baselines
+    root = engine.new_state(prompt, per, seed=seed, temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
+    seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(n)]
+    cands = [engine.fork(root, seed=sd) for sd in seeds]
+    while True:
+        live = [c for c in cands if not engine.is_done(c)]
+        if not live: break
+        engine.step_batch(live, [Action.CONTINUE] * len(live))
+    texts = [engine.tok.decode(engine.visible_ids(c.tip), skip_special_tokens=True) for c in cands]
+    scores = self._scores(engine, cands, texts, item)
+    best = int(np.argmax(scores))
+    r = engine.result(cands[best], include_thoughts)
+    r.macro_trace = [dict(e, candidate=i) for i, c in enumerate(cands)
+                     for e in (r.macro_trace if i == best else engine.trace(c, include_thoughts))]
+    r.tokens = sum(engine.tokens_spent(c) for c in cands)
+    r.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
+    r.meta.update(controller=self.name, budget=budget, per_candidate_budget=per, chosen=best,
+                  scorer=getattr(self.scorer, '__name__', 'callback') if self.scorer else b.best_of_n_scorer,
+                  candidates=[dict(seed=sd, tokens=engine.tokens_spent(c), score=round(float(sc), 6), stop=c.ms.reason)
+                              for sd, c, sc in zip(seeds, cands, scores)])
+    return r
 
 # %% ../nbs/10_controllers.ipynb #6fd119b8
 class ThresholdController(Controller):
@@ -150,24 +155,26 @@ class ThresholdController(Controller):
         self.settle_entropy = b.threshold_think_entropy / 2 if settle_entropy is None else float(settle_entropy)
         self.min_visible = b.threshold_min_visible_tokens if min_visible is None else int(min_visible)
 
-    def decide(self, engine:Engine, s:GenState) -> tuple:
-        "(action, {'why': ...} or None) from the signals of `s`."
-        g, m, mc, b = engine.signals(s), engine.legal_mask(s), engine.cfg.macro, self.cfg.baselines
-        if g['in_thought']:
-            if not m[Action.CONTINUE]: return Action.THINK_END, dict(why="no budget left inside the thought")
-            if g['thought_len'] >= self.thought_tokens: return Action.THINK_END, dict(why=f"thought reached {g['thought_len']} tokens")
-            if g['thought_len'] >= mc.chunk_tokens and g['entropy'] < self.settle_entropy:
-                return Action.THINK_END, dict(why=f"settled: entropy {g['entropy']:.2f} < {self.settle_entropy:.2f}")
-            return Action.CONTINUE, None
-        z = g['chunk_entropy_z']
-        if (m[Action.RESAMPLE] and not g['chunk_hidden'] and z > b.threshold_resample_zscore and g['left'] > mc.chunk_tokens
-                and s.tip.parent.n_vis >= self.min_visible):  # n_vis: visible tokens up to a segment, kept by the engine
-            return Action.RESAMPLE, dict(why=f"chunk entropy z {z:.2f} > {b.threshold_resample_zscore:.2f}")
-        if (m[Action.THINK_BEGIN] and g['n_thoughts'] < self.max_thoughts and g['last'] in ('prompt', 'chunk') and not g['chunk_hidden']
-                and g['entropy'] > b.threshold_think_entropy and g['varentropy'] > b.threshold_varentropy
-                and g['left'] >= self.thought_tokens + 2 + mc.chunk_tokens and s.tip.n_vis >= self.min_visible):
-            return Action.THINK_BEGIN, dict(why=f"entropy {g['entropy']:.2f} > {b.threshold_think_entropy:.2f}, varentropy {g['varentropy']:.2f} > {b.threshold_varentropy:.2f}")
+# %% ../nbs/10_controllers.ipynb #75b529a6
+@patch
+def decide(self:ThresholdController, engine:Engine, s:GenState) -> tuple:
+    "(action, {'why': ...} or None) from the signals of `s`."
+    g, m, mc, b = engine.signals(s), engine.legal_mask(s), engine.cfg.macro, self.cfg.baselines
+    if g['in_thought']:
+        if not m[Action.CONTINUE]: return Action.THINK_END, dict(why="no budget left inside the thought")
+        if g['thought_len'] >= self.thought_tokens: return Action.THINK_END, dict(why=f"thought reached {g['thought_len']} tokens")
+        if g['thought_len'] >= mc.chunk_tokens and g['entropy'] < self.settle_entropy:
+            return Action.THINK_END, dict(why=f"settled: entropy {g['entropy']:.2f} < {self.settle_entropy:.2f}")
         return Action.CONTINUE, None
+    z = g['chunk_entropy_z']
+    if (m[Action.RESAMPLE] and not g['chunk_hidden'] and z > b.threshold_resample_zscore and g['left'] > mc.chunk_tokens
+            and s.tip.parent.n_vis >= self.min_visible):  # n_vis: visible tokens up to a segment, kept by the engine
+        return Action.RESAMPLE, dict(why=f"chunk entropy z {z:.2f} > {b.threshold_resample_zscore:.2f}")
+    if (m[Action.THINK_BEGIN] and g['n_thoughts'] < self.max_thoughts and g['last'] in ('prompt', 'chunk') and not g['chunk_hidden']
+            and g['entropy'] > b.threshold_think_entropy and g['varentropy'] > b.threshold_varentropy
+            and g['left'] >= self.thought_tokens + 2 + mc.chunk_tokens and s.tip.n_vis >= self.min_visible):
+        return Action.THINK_BEGIN, dict(why=f"entropy {g['entropy']:.2f} > {b.threshold_think_entropy:.2f}, varentropy {g['varentropy']:.2f} > {b.threshold_varentropy:.2f}")
+    return Action.CONTINUE, None
 
 # %% ../nbs/10_controllers.ipynb #8b46c425
 BASELINES = {'greedy': GreedyBaseline, 'sampling': SamplingBaseline, 'best_of_n': BestOfN, 'threshold': ThresholdController}
@@ -211,6 +218,7 @@ def decide(self:PolicyController, engine:Engine, s:GenState) -> tuple:
     p, v = self.evaluator(engine.features(s)[None], m[None])
     return int(np.argmax(np.where(m, p[0], -1))), dict(policy=[round(float(x), 4) for x in p[0]], value=round(float(v[0]), 4))
 
+# %% ../nbs/10_controllers.ipynb #f3fd6e56
 @patch
 def finish(self:PolicyController, r:GenerationResult, notes:dict) -> GenerationResult:
     "Record the version and the value estimate of every decision."
@@ -224,6 +232,7 @@ class EnvState:
     def __init__(self, gs, feat=None): self.gs, self.feat = gs, feat
     def __repr__(self): return f"EnvState({self.gs!r})"
 
+# %% ../nbs/10_controllers.ipynb #ffea9c3b
 def finished_key(engine, gs) -> tuple:
     "(visible text, tokens spent, thought left open) of a state: what its reward depends on (cheap: no trace, no features)."
     text = engine.tok.decode(engine.visible_ids(gs.tip), skip_special_tokens=True)  # == engine.result(gs).text
@@ -261,6 +270,7 @@ def features(self:SearchEnv, s:EnvState) -> np.ndarray:
     if s.feat is None: s.feat = self.engine.features(s.gs)
     return s.feat
 
+# %% ../nbs/10_controllers.ipynb #a8300b91
 @patch
 def expand(self:SearchEnv, parents:Sequence[EnvState], actions:Sequence[int]) -> list[EnvState]:
     "The children of `parents` under `actions`, stepped in one batch, with their features."
@@ -294,41 +304,43 @@ class MCTSController(Controller):
         self.name, self.version = self.policy.name, version
         self.on_search = list(on_search) if isinstance(on_search, (list, tuple)) else [on_search]
 
-    def generate(self, engine, prompt:str, max_new_tokens:int, seed:int=0, include_thoughts:bool=False, item:dict|None=None):
-        "Generate with search under a TOTAL budget of `max_new_tokens` (search included); returns a `GenerationResult`."
-        self.check(engine)
-        path_budget = max(1, int(round(max_new_tokens*(1 - self.search_share))))
-        pool = max_new_tokens - path_budget
-        env = ValueEnv(engine, self.policy.evaluator, item)  # no reward model at inference
-        mcts = MCTS(env, self.policy.evaluator, self.cfg.mcts, seed=seed)
-        worst = self.cfg.macro.chunk_tokens + 1
-        state = env.root(prompt, path_budget, seed=seed)
-        search_tokens = extra = 0
-        trace = []
-        while not env.is_terminal(state):
-            n = min(self.n_sims, (pool - search_tokens)//worst)
-            if n >= 1:
-                r = mcts.search(state, n_sims=n)
-                for f in self.on_search: f(len(trace), mcts, r)  # e.g. snapshot the tree (report.search_trees)
-                search_tokens += r.tokens_spent
-                a, child_known = r.action, mcts.root.children[r.action] is not None
-                trace.append(r.to_trace(list(ACTION_NAMES)))
-                before = env.tokens_spent(state)
-                state = mcts.advance(a)
-                if not child_known: extra += env.tokens_spent(state) - before
-            else:
-                a, _ = self.policy.decide(engine, state.gs)
-                trace.append(dict(action=ACTION_NAMES[a], n_sims=0))
-                before = env.tokens_spent(state)
-                state = env.expand([state], [a])[0]; mcts.reset()
-                extra += env.tokens_spent(state) - before
-        res = engine.result(state.gs, include_thoughts, {i: dict(search=t) for i, t in enumerate(trace)})
-        res.meta.update(controller=self.name, version=self.version, search=trace, search_tokens=search_tokens,
-                        path_tokens=int(res.tokens), path_budget=path_budget)
-        return dataclasses.replace(res, tokens=int(search_tokens + extra))
-
     def check(self, engine:Engine) -> None: self.policy.check(engine)
     def __repr__(self): return f"MCTSController(n_sims={self.n_sims}, search_share={self.search_share}, version={self.version!r})"
+
+# %% ../nbs/10_controllers.ipynb #33661a38
+@patch
+def generate(self:MCTSController, engine, prompt:str, max_new_tokens:int, seed:int=0, include_thoughts:bool=False, item:dict|None=None):
+    "Generate with search under a TOTAL budget of `max_new_tokens` (search included); returns a `GenerationResult`."
+    self.check(engine)
+    path_budget = max(1, int(round(max_new_tokens*(1 - self.search_share))))
+    pool = max_new_tokens - path_budget
+    env = ValueEnv(engine, self.policy.evaluator, item)  # no reward model at inference
+    mcts = MCTS(env, self.policy.evaluator, self.cfg.mcts, seed=seed)
+    worst = self.cfg.macro.chunk_tokens + 1
+    state = env.root(prompt, path_budget, seed=seed)
+    search_tokens = extra = 0
+    trace = []
+    while not env.is_terminal(state):
+        n = min(self.n_sims, (pool - search_tokens)//worst)
+        if n >= 1:
+            r = mcts.search(state, n_sims=n)
+            for f in self.on_search: f(len(trace), mcts, r)  # e.g. snapshot the tree (report.search_trees)
+            search_tokens += r.tokens_spent
+            a, child_known = r.action, mcts.root.children[r.action] is not None
+            trace.append(r.to_trace(list(ACTION_NAMES)))
+            before = env.tokens_spent(state)
+            state = mcts.advance(a)
+            if not child_known: extra += env.tokens_spent(state) - before
+        else:
+            a, _ = self.policy.decide(engine, state.gs)
+            trace.append(dict(action=ACTION_NAMES[a], n_sims=0))
+            before = env.tokens_spent(state)
+            state = env.expand([state], [a])[0]; mcts.reset()
+            extra += env.tokens_spent(state) - before
+    res = engine.result(state.gs, include_thoughts, {i: dict(search=t) for i, t in enumerate(trace)})
+    res.meta.update(controller=self.name, version=self.version, search=trace, search_tokens=search_tokens,
+                    path_tokens=int(res.tokens), path_budget=path_budget)
+    return dataclasses.replace(res, tokens=int(search_tokens + extra))
 
 # %% ../nbs/10_controllers.ipynb #f45aeb5a
 def checkpoint_version(checkpoint:str|Path|None) -> str:

@@ -6,7 +6,7 @@ Docs: https://research-controller.github.io/research_controller/evaluate.html.md
 
 # %% ../nbs/13_evaluate.ipynb #12225565
 from __future__ import annotations
-import hashlib, json, math, time
+import hashlib, inspect, json, math, time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,9 +41,11 @@ ITEM_KEYS = ('id', 'task', 'prompt', 'references', 'meta')
 EVAL_FILES = {'squad': ['squad_v1.1/dev.jsonl'], 'gsm8k': ['gsm8k/test.jsonl'], 'nq_open': ['nq_open/dev.jsonl'],
               'wikitext': ['wikitext-2-raw/wiki.valid.raw', 'wikitext-2-raw/wiki.test.raw']}
 
+# %% ../nbs/13_evaluate.ipynb #d0ae38ba
 class SuiteError(ValueError):
     "A benchmark suite (or result) that is malformed, modified or mismatched."
 
+# %% ../nbs/13_evaluate.ipynb #957472fb
 def check_item(item:dict, where:str='task item') -> dict:
     "Return `item` if it is a valid task item, else raise `SuiteError` naming the field."
     if not isinstance(item, dict):
@@ -107,6 +109,7 @@ def save(self, path:str|Path) -> Path:
     "Write the suite to `path` as JSON, atomically."
     return atomic_write_json(path, self.to_dict())
 
+# %% ../nbs/13_evaluate.ipynb #ca241c4e
 def load_suite(path:str|Path) -> Suite:
     "Load a suite JSON and check that its content still matches its recorded hash."
     p = Path(path)
@@ -136,6 +139,7 @@ def suite_sources(cfg:Config, tasks:Iterable[str]) -> list:
             out.append({'path': rel, 'sha256': sha256_file(f)})
     return out
 
+# %% ../nbs/13_evaluate.ipynb #5f2618af
 def build_default_suite(cfg:Config, # uses cfg.evaluate.{tasks, per_task, seed, token_budget}
                         name:str='default', # suite name
                         version:int=1, # suite version
@@ -154,6 +158,7 @@ def build_default_suite(cfg:Config, # uses cfg.evaluate.{tasks, per_task, seed, 
     return Suite(name, items, version=version, seed=ec.seed, token_budget=ec.token_budget,
                  created_from=suite_sources(cfg, ec.tasks))
 
+# %% ../nbs/13_evaluate.ipynb #7816935c
 def get_suite(cfg:Config, loader:Callable|None=None) -> Suite:
     "The configured suite: `evaluate.suite_path` if set, else the default suite."
     if cfg.evaluate.suite_path: return load_suite(cfg.evaluate.suite_path)
@@ -241,6 +246,7 @@ def summary(self) -> dict:
             'token_budget': self.token_budget, 'overall': _agg(self, self.records),
             'per_task': {t: _agg(self, [r for r in self.records if r.task == t]) for t in tasks}}
 
+# %% ../nbs/13_evaluate.ipynb #ff06b4b6
 @patch_to(SuiteResult)
 def to_df(self):
     "One row per item: ids, text, reward, task metrics, `term.*` columns, tokens, latency, error."
@@ -250,6 +256,7 @@ def to_df(self):
              'error': r.error, 'text': r.text} for r in self.records]
     return pd.DataFrame(rows)
 
+# %% ../nbs/13_evaluate.ipynb #b9019f61
 @patch_to(SuiteResult)
 def to_dict(self) -> dict:
     "JSON-ready dict (records included)."
@@ -261,6 +268,7 @@ def save(self, path:str|Path) -> Path:
     "Write the result (records and summary) as JSON, atomically."
     return atomic_write_json(path, self.to_dict())
 
+# %% ../nbs/13_evaluate.ipynb #2f5be2fe
 @patch_to(SuiteResult, cls_method=True)
 def load(cls, path:str|Path) -> SuiteResult:
     "Read a result written by `SuiteResult.save`."
@@ -270,7 +278,7 @@ def load(cls, path:str|Path) -> SuiteResult:
     recs = [ItemRecord(**{**r, 'reward': math.nan if r['reward'] is None else r['reward']}) for r in d['records']]
     return cls(d['controller'], d['version'], d['suite'], d['suite_hash'], d['token_budget'], recs, d.get('meta', {}))
 
-# %% ../nbs/13_evaluate.ipynb #ed788363
+# %% ../nbs/13_evaluate.ipynb #d38b2d4c
 def _count_actions(trace) -> dict:
     c = Counter()
     for step in trace or []:
@@ -280,7 +288,6 @@ def _count_actions(trace) -> dict:
 
 def _takes_item(controller) -> bool:
     "Whether `controller.generate` accepts the task item (e.g. best-of-N scoring candidates by reward)."
-    import inspect
     try: ps = inspect.signature(controller.generate).parameters
     except (TypeError, ValueError): return False
     return 'item' in ps or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values())
@@ -298,6 +305,7 @@ def generate_item(controller, item:dict, engine, token_budget:int, seed:int=0) -
     out['latency_ms'] = (time.perf_counter() - t0) * 1000
     return out
 
+# %% ../nbs/13_evaluate.ipynb #8debb00b
 def score_item(g:dict, item:dict, rewards, metrics_fn:Callable|None=None, rb=None) -> tuple:
     "(reward, terms, metrics, error) of a generated item; `rb` = its precomputed RewardBreakdown, if any."
     metrics_fn = metrics_fn or getattr(rewards, 'task_metrics', None)
@@ -308,6 +316,7 @@ def score_item(g:dict, item:dict, rewards, metrics_fn:Callable|None=None, rb=Non
     except Exception as e:
         return math.nan, {}, {}, g['error'] or f"scoring failed: {type(e).__name__}: {e}"
 
+# %% ../nbs/13_evaluate.ipynb #70ec2504
 def _record(controller, version, item, g, scored, seed) -> ItemRecord:
     reward, terms, metrics, err = scored
     return ItemRecord(getattr(controller, 'name', type(controller).__name__), version, item['id'], item['task'], g['text'],
@@ -319,6 +328,7 @@ def run_item(controller, item:dict, engine, rewards, token_budget:int, seed:int=
     g = generate_item(controller, item, engine, token_budget, seed)
     return _record(controller, version, item, g, score_item(g, item, rewards, metrics_fn), seed)
 
+# %% ../nbs/13_evaluate.ipynb #4965d56d
 def _batch_scores(rewards, gens:list, items:list) -> list:
     "RewardBreakdowns of all generations in one `rewards.calc.batch` call (the judge batches its forwards); Nones if unavailable."
     batch = getattr(getattr(rewards, 'calc', None), 'batch', None)
@@ -359,6 +369,7 @@ def bootstrap_means(x:np.ndarray, n_boot:int=2000, seed:int=0, chunk:int=256) ->
         out.append(x[rng.integers(0, len(x), size=(min(chunk, n_boot - i), len(x)))].mean(1))
     return np.concatenate(out)
 
+# %% ../nbs/13_evaluate.ipynb #98aa7815
 def bootstrap_ci(x, n_boot:int=2000, alpha:float=0.05, seed:int=0) -> tuple:
     "Percentile bootstrap `1-alpha` confidence interval of the mean of `x` (NaNs dropped)."
     x = np.asarray(x, float); x = x[~np.isnan(x)]
@@ -393,6 +404,7 @@ class PairedStat:
                 f"[{self.ci_lo:+.3f}, {self.ci_hi:+.3f}], n={self.n} (+{self.n_pos}/-{self.n_neg}), "
                 f"p_wilcoxon={self.p_wilcoxon:.3g} p_sign={self.p_sign:.3g} p_adj={self.p_adj:.3g}")
 
+# %% ../nbs/13_evaluate.ipynb #cabf8770
 def wilcoxon_p(d) -> float:
     "Two-sided Wilcoxon signed-rank p of differences `d` (zeros dropped): exact when n <= 50 without ties, else the normal approximation."
     from scipy import stats as sstats  # imported here: scipy.stats takes a second to import, the registry never needs it
@@ -401,11 +413,13 @@ def wilcoxon_p(d) -> float:
     ties = len(np.unique(np.abs(d))) < len(d)
     return float(sstats.wilcoxon(d, method='exact' if len(d) <= 50 and not ties else 'asymptotic').pvalue)
 
+# %% ../nbs/13_evaluate.ipynb #f8a91f71
 def sign_test_p(n_pos:int, n_neg:int) -> float:
     "Two-sided sign test p: binomial(n_pos + n_neg, 1/2) probability of a split at least this uneven."
     from scipy import stats as sstats
     return float(sstats.binomtest(n_pos, n_pos + n_neg, 0.5).pvalue) if n_pos + n_neg else 1.0
 
+# %% ../nbs/13_evaluate.ipynb #57353282
 def paired_test(a, b, metric:str='reward', n_boot:int=2000, alpha:float=0.05, seed:int=0, test:str='wilcoxon',
                 tol:float=1e-12) -> PairedStat:
     "Paired bootstrap CI of mean(b - a), Wilcoxon signed-rank and sign test; pairs with a NaN are dropped."
@@ -463,6 +477,7 @@ class Comparison:
     def _repr_markdown_(self): return self.table()
     def __repr__(self): return f"Comparison({self.b!r} - {self.a!r} on {self.suite}[{self.suite_hash[:12]}])\n" + self.table()
 
+# %% ../nbs/13_evaluate.ipynb #1925a892
 def check_pair(a:SuiteResult, b:SuiteResult):
     if a.suite_hash != b.suite_hash:
         raise SuiteError(f"{a.label!r} and {b.label!r} ran on different suites ({a.suite}[{a.suite_hash[:12]}] vs "
@@ -471,6 +486,7 @@ def check_pair(a:SuiteResult, b:SuiteResult):
         raise SuiteError(f"{a.label!r} and {b.label!r} ran at different token budgets ({a.token_budget} vs {b.token_budget}); "
                          f"compare controllers at equal budget.")
 
+# %% ../nbs/13_evaluate.ipynb #ed405da3
 def compare(result_a:SuiteResult, # the reference (champion / baseline)
             result_b:SuiteResult, # the candidate; differences are b - a
             ecfg:EvaluateConfig|None=None, # bootstrap, alpha, correction, test, seed
@@ -556,6 +572,7 @@ def plot_metric_bars(results:list, ecfg:EvaluateConfig|None=None, metrics:list|N
     fig.suptitle(f"{results[0].suite}: means with {1 - ec.alpha:.0%} bootstrap CIs")
     return fig
 
+# %% ../nbs/13_evaluate.ipynb #6b3f73ee
 def plot_reward_terms(results:list):
     "Grouped bars: the mean of every reward term per controller."
     terms = sorted(set().union(*[r.term_names() for r in results]))
@@ -567,6 +584,7 @@ def plot_reward_terms(results:list):
     ax.set_title('reward term breakdown')
     return fig
 
+# %% ../nbs/13_evaluate.ipynb #9caa6c70
 def plot_tokens_vs_score(results:list, ecfg:EvaluateConfig|None=None, metric:str='reward'):
     "Tokens spent vs `metric`: items as dots, each controller's mean with bootstrap CIs on both axes."
     ec = ecfg or EvaluateConfig()
@@ -592,6 +610,7 @@ def save_plots(results:list, out_dir:str|Path, ecfg:EvaluateConfig|None=None) ->
             'tokens_vs_score': plot_tokens_vs_score(results, ecfg)}
     return {k: _save_fig(f, out/f"{k}.png") for k, f in figs.items()}
 
+# %% ../nbs/13_evaluate.ipynb #fc831c8a
 def write_comparison(results:list, cfg:Config, out_dir:str|Path|None=None, reference:str|int=0) -> dict:
     "Write results JSON, `compare.md` and PNG plots for `results`; returns the written paths."
     if not results: raise ValueError("write_comparison needs at least one SuiteResult.")
@@ -604,8 +623,6 @@ def write_comparison(results:list, cfg:Config, out_dir:str|Path|None=None, refer
     return paths
 
 # %% ../nbs/13_evaluate.ipynb #180769d3
-BASELINE_ORDER = ('greedy', 'sampling', 'best_of_n', 'threshold')
-
 def default_engine(cfg:Config):
     "The shared engine on the configured SLM (`engine.get_engine`, cached per config)."
     return get_engine(cfg)
@@ -614,11 +631,13 @@ def default_rewards(cfg:Config, engine):
     "The rewards module's `RewardCalculator` on the engine's SLM (it is also the G-Eval judge)."
     return RewardCalculator(cfg, getattr(engine, 'model', None), getattr(engine, 'tok', None))
 
+# %% ../nbs/13_evaluate.ipynb #68655459
 def metrics_fn_for(rewards) -> Callable:
     "`(text, item) -> task metrics`: `rewards.task_metrics` when it has one, else `rewards.task_score(item, text)`."
     if hasattr(rewards, 'task_metrics'): return rewards.task_metrics
     return lambda text, item: task_score(item, text)
 
+# %% ../nbs/13_evaluate.ipynb #bb9b6d3b
 def _label(c) -> str:
     v = getattr(c, 'version', None); n = getattr(c, 'name', type(c).__name__)
     return f"{n}@{v}" if v else n
@@ -639,6 +658,7 @@ def as_controllers(cfg:Config, controllers:list, registry=None) -> list:
     if dup: raise ValueError(f"controllers {dup} appear more than once (e.g. 'active' when nothing is promoted is the threshold controller); list each once.")
     return out
 
+# %% ../nbs/13_evaluate.ipynb #e1693b9f
 def evaluate_controllers(cfg:Config, # `evaluate` (budget, suite), `slm`, `rewards`, ...
                          controllers:list, # controller objects and/or names: greedy, sampling, best_of_n, threshold, vN, active
                          suite:Suite|None=None, # None = `get_suite(cfg)` (the fixed default suite)
@@ -667,12 +687,15 @@ def evaluate_controllers(cfg:Config, # `evaluate` (budget, suite), `slm`, `rewar
     return out
 
 # %% ../nbs/13_evaluate.ipynb #f2fb7f8c
+BASELINE_ORDER = ('greedy', 'sampling', 'best_of_n', 'threshold')
+
 def default_controller_names(cfg:Config) -> list:
     "The baselines, then 'active' when the registry has an active version."
     names = list(BASELINE_ORDER)
     if (run_path(cfg, cfg.promotion.registry_dir)/'active.json').exists(): names.append('active')
     return names
 
+# %% ../nbs/13_evaluate.ipynb #d5491936
 class CompareRun:
     "What `run_compare` produced: the results, the Markdown table and the written paths."
     def __init__(self, results:list, table:str, paths:dict): self.results, self.table, self.paths = results, table, paths
@@ -680,6 +703,7 @@ class CompareRun:
         files = [str(p) for k, v in self.paths.items() for p in (v if isinstance(v, list) else [v])]
         return self.table + '\nwritten:\n  ' + '\n  '.join(files)
 
+# %% ../nbs/13_evaluate.ipynb #59f6d30e
 def run_compare(cfg:Config, # the config (`evaluate`, `promotion.registry_dir`, ...)
                 controllers:list|None=None, # objects or names; None = `default_controller_names(cfg)`
                 out_dir:str|Path|None=None, # None = runs/<evaluate.out_dir>/<suite name>

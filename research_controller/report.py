@@ -13,9 +13,10 @@ from typing import Callable, Sequence
 import numpy as np
 from fastcore.basics import patch
 from .config import Config, EvaluateConfig, atomic_write, atomic_write_text, load_config, run_path, sha256_file
-from .evaluate import (SuiteResult, bootstrap_ci, compare, compare_table, plot_metric_bars, plot_reward_terms,
-                                          plot_tokens_vs_score)
+from .evaluate import (ItemRecord, SuiteResult, bootstrap_ci, compare, compare_table, plot_metric_bars,
+                                          plot_reward_terms, plot_tokens_vs_score)
 from .macro_actions import ACTION_NAMES
+from .promotion import load_reports
 
 # %% auto #0
 __all__ = ['REDACTED', 'ReportError', 'find_eval_results', 'tex_escape', 'latex_table', 'read_scalars', 'plot_training',
@@ -26,18 +27,11 @@ __all__ = ['REDACTED', 'ReportError', 'find_eval_results', 'tex_escape', 'latex_
 class ReportError(ValueError):
     "Nothing to report, or stored runs that cannot be read; the message names the path and the fix."
 
+# %% ../nbs/16_report.ipynb #a5e2d72f
 def _is_result(p:Path) -> bool:
     try: d = json.loads(p.read_text(encoding='utf-8'))
     except (OSError, ValueError): return False
     return isinstance(d, dict) and all(k in d for k in ('controller', 'suite_hash', 'records', 'token_budget'))
-
-def find_eval_results(cfg:Config, # `evaluate.out_dir` and `paths.runs_dir`
-                      eval_dir:str|Path|None=None, # None = runs/<evaluate.out_dir>
-                      with_paths:bool=False, # return (path, result) pairs
-                     ) -> list:
-    "The latest comparable `SuiteResult`s under the evaluation directory, sorted by label (empty if none)."
-    pairs = _find_eval(Path(eval_dir) if eval_dir else run_path(cfg, cfg.evaluate.out_dir))
-    return pairs if with_paths else [r for _, r in pairs]
 
 def _find_eval(root:Path) -> list:
     "(path, SuiteResult) pairs of the newest group of comparable results under `root`, sorted by label."
@@ -53,6 +47,15 @@ def _find_eval(root:Path) -> list:
     latest = max(groups.values(), key=lambda g: (max(m for m, _, _ in g.values()), sorted(g)))
     return [latest[k][1:] for k in sorted(latest)]
 
+def find_eval_results(cfg:Config, # `evaluate.out_dir` and `paths.runs_dir`
+                      eval_dir:str|Path|None=None, # None = runs/<evaluate.out_dir>
+                      with_paths:bool=False, # return (path, result) pairs
+                     ) -> list:
+    "The latest comparable `SuiteResult`s under the evaluation directory, sorted by label (empty if none)."
+    pairs = _find_eval(Path(eval_dir) if eval_dir else run_path(cfg, cfg.evaluate.out_dir))
+    return pairs if with_paths else [r for _, r in pairs]
+
+# %% ../nbs/16_report.ipynb #f1cfbff0
 def _reference(results:list) -> int:
     "Index of the controller the others are compared with: greedy if present, else the first."
     labels = [r.label for r in results]
@@ -61,7 +64,6 @@ def _reference(results:list) -> int:
 # %% ../nbs/16_report.ipynb #fbd14d3b
 def _demo_results(n:int=12, seed:int=0) -> list:
     "Synthetic `SuiteResult`s with known gaps (for tests and docs only)."
-    from research_controller.evaluate import ItemRecord
     rng = np.random.default_rng(seed); out = []
     base = rng.uniform(0.2, 0.6, n)
     for name, ver, shift in (('greedy', None, 0.0), ('sampling', None, -0.1), ('policy', 'v0002', 0.15)):
@@ -82,6 +84,7 @@ def tex_escape(s) -> str:
     "Escape LaTeX special characters in `s`."
     return ''.join(_TEX.get(c, c) for c in str(s))
 
+# %% ../nbs/16_report.ipynb #3bf4e9b2
 def _ci(v, ec) -> tuple:
     v = np.asarray(v, float)
     m = float(np.nanmean(v)) if (~np.isnan(v)).any() else math.nan
@@ -145,6 +148,7 @@ def _tag_order(scalars:dict) -> list:
     tags = {t for d in scalars.values() for t in d}
     return sorted(tags, key=lambda t: (_FIRST.index(t) if t in _FIRST else len(_FIRST), not t.startswith('loss/'), t))
 
+# %% ../nbs/16_report.ipynb #cc73fb90
 def plot_training(scalars:dict, max_tags:int=6):
     "One panel per scalar tag (losses first), one line per run."
     from matplotlib.figure import Figure
@@ -177,6 +181,7 @@ def cycle_rows(reports:list) -> list:
                          accepted=bool(d.get('accepted')), promoted=r.get('promoted_version') or ''))
     return rows
 
+# %% ../nbs/16_report.ipynb #018efe38
 def plot_cycles(reports:list):
     "Mean reward of champion and challenger per cycle; filled markers = promoted."
     from matplotlib.figure import Figure
@@ -203,8 +208,10 @@ def _save_fig(fig, path:Path) -> list:
         out.append(atomic_write(path.with_suffix('.' + ext), lambda t: fig.savefig(t, format=ext, dpi=110, metadata=md)))
     return out
 
+# %% ../nbs/16_report.ipynb #628fee03
 def _fmt(x, spec='.3f') -> str: return '—' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
+# %% ../nbs/16_report.ipynb #7ba6b7c9
 def _md_training(scalars:dict) -> str:
     tags = _tag_order(scalars)
     rows = ['| run | steps | ' + ' | '.join(f"last {t}" for t in tags) + ' |', '|---|---:|' + '---:|' * len(tags)]
@@ -213,6 +220,7 @@ def _md_training(scalars:dict) -> str:
         rows.append(f"| {run} | {steps} | " + ' | '.join(_fmt(float(d[t][1][-1]), '.4g') if t in d else '—' for t in tags) + ' |')
     return '\n'.join(rows)
 
+# %% ../nbs/16_report.ipynb #7825aa5d
 def _md_cycles(rows:list) -> str:
     out = ['| cycle | champion | challenger | n | trajectories | reward champion | reward challenger | Δ [CI] | p (corrected) | decision | promoted |',
            '|---:|---|---|---:|---:|---:|---:|---|---:|---|---|']
@@ -223,6 +231,7 @@ def _md_cycles(rows:list) -> str:
                    f"{'accepted' if r['accepted'] else 'rejected'} | {r['promoted'] or '—'} |")
     return '\n'.join(out)
 
+# %% ../nbs/16_report.ipynb #727571bd
 def _tex_cycles(rows:list) -> str:
     lines = ['\\begin{table}[t]', '\\centering', '\\small', '\\caption{Promotion cycles: mean reward of champion and challenger on the benchmark, '
              'the paired gain with its bootstrap CI and corrected $p$, and the decision.}', '\\label{tab:cycles}',
@@ -247,7 +256,6 @@ def write_report(cfg:Config, # where the runs are (`paths.runs_dir`, `evaluate`,
     results = [r for _, r in found]
     scalars = read_scalars(run_path(cfg, cfg.train.log_dir))
     rdir = run_path(cfg, cfg.promotion.reports_dir)
-    from research_controller.promotion import load_reports
     reports = load_reports(rdir) if rdir.is_dir() else []
     if not (results or scalars or reports):
         raise ReportError(f"nothing to report under {str(runs)!r}: no evaluation results in {str(run_path(cfg, cfg.evaluate.out_dir))!r}, "
@@ -377,6 +385,7 @@ def _table_html(rows:list, cols:list) -> str:
     body = ''.join('<tr>' + ''.join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + '</tr>' for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
+# %% ../nbs/16_report.ipynb #2ed96132
 class TreeExplorer:
     "Interactive explorer of a macro trace and/or an MCTS tree (ipywidgets); `path` and `step` hold its state."
     def __init__(self, tree:dict|None=None, # from `tree_dict` (or an mcts Node, converted with `action_names`/`describe`)
@@ -403,32 +412,38 @@ class TreeExplorer:
         for a in self.path: t = next(c for c in t['children'] if c['action'] == a)
         return t
 
-    def select(self, action:str):
-        "Go down to the child reached by `action`."
-        if self.tree is None: raise ValueError(f"no search tree at decision {self.step + 1}." if self.trees else "no tree to explore.")
-        names = [c['action'] for c in self.node['children']]
-        if action not in names: raise ValueError(f"no explored child {action!r} here; explored children: {names}.")
-        self.path.append(action); self._refresh(); return self
-
-    def up(self):
-        "Go to the parent (no-op at the root)."
-        if self.path: self.path.pop()
-        self._refresh(); return self
-
-    def top(self):
-        "Go back to the root."
-        self.path = []; self._refresh(); return self
-
-    def goto(self, i:int):
-        "Show decision `i` of the trace (clipped to the trace)."
-        step = int(min(max(i, 0), max(len(self.trace) - 1, 0)))
-        if self.trees and step != self.step: self.path = []  # another decision, another tree: start at its root
-        self.step = step; self._refresh(); return self
-
     def _refresh(self):
         if self._w is not None: self._sync()
 
     def __repr__(self): return f"TreeExplorer(path={self.path}, step={self.step}/{len(self.trace)})"
+
+# %% ../nbs/16_report.ipynb #ba0d74b9
+@patch
+def select(self:TreeExplorer, action:str):
+    "Go down to the child reached by `action`."
+    if self.tree is None: raise ValueError(f"no search tree at decision {self.step + 1}." if self.trees else "no tree to explore.")
+    names = [c['action'] for c in self.node['children']]
+    if action not in names: raise ValueError(f"no explored child {action!r} here; explored children: {names}.")
+    self.path.append(action); self._refresh(); return self
+
+@patch
+def up(self:TreeExplorer):
+    "Go to the parent (no-op at the root)."
+    if self.path: self.path.pop()
+    self._refresh(); return self
+
+@patch
+def top(self:TreeExplorer):
+    "Go back to the root."
+    self.path = []; self._refresh(); return self
+
+# %% ../nbs/16_report.ipynb #6337ff12
+@patch
+def goto(self:TreeExplorer, i:int):
+    "Show decision `i` of the trace (clipped to the trace)."
+    step = int(min(max(i, 0), max(len(self.trace) - 1, 0)))
+    if self.trees and step != self.step: self.path = []  # another decision, another tree: start at its root
+    self.step = step; self._refresh(); return self
 
 # %% ../nbs/16_report.ipynb #71b0bbfa
 @patch
@@ -448,6 +463,7 @@ def trace_html(self:TreeExplorer) -> str:
         out.append(f"search: {s.get('n_sims', '?')} sims, root value {s.get('root_value', '?')}" + _table_html(rows, ['action', 'visits', 'Q', 'prior']))
     return '<br>'.join(out)
 
+# %% ../nbs/16_report.ipynb #1afcd46d
 @patch
 def node_html(self:TreeExplorer) -> str:
     "HTML of the tree pane: where we are and the current node's children."
@@ -477,6 +493,7 @@ def _build(self:TreeExplorer):
     self._w = W.VBox(panes) if len(panes) == 1 else W.Tab(children=panes, titles=('trace', 'tree'))
     self._refresh()
 
+# %% ../nbs/16_report.ipynb #291ef30b
 @patch
 def _sync(self:TreeExplorer):
     "Bring the widgets in line with `path` and `step`."
@@ -495,6 +512,7 @@ def _click_child(self:TreeExplorer, at:tuple, action:str):
     "A child button's click: go down, unless the button is stale (made for another node, clicked while the view was redrawn)."
     if tuple(self.path) == at: self.select(action)
 
+# %% ../nbs/16_report.ipynb #de67046b
 @patch(as_prop=True)
 def widget(self:TreeExplorer):
     "The ipywidgets view (built on first use)."

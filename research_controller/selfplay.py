@@ -13,11 +13,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from fastcore.basics import patch
+from tqdm.auto import tqdm
 from .config import Config, ConfigError, config_hash, load_config, run_path
+from .slm import load_slm
+from .engine import Engine
 from .macro_actions import ACTION_NAMES, N_ACTIONS, Action
 from .mcts import MCTS, SearchResult, select_action, uniform_evaluator
 from .buffer import ReplayBuffer
 from .network import CheckpointError, PolicyValueNet, load_checkpoint, make_evaluator
+from .rewards import TASKS, RewardCalculator, load_task_items
 from .controllers import EnvState, SearchEnv, checkpoint_version, finished_key
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,7 @@ def reward_bounds(cfg:Config) -> tuple[float, float]:
     if hi <= lo: raise ConfigError(f"rewards weights give an empty reward range [{lo}, {hi}]; set some of rewards.{', rewards.'.join(POSITIVE_TERMS)} > 0.")
     return float(lo), float(hi)
 
+# %% ../nbs/11_selfplay.ipynb #7c2b0ecd
 def reward_to_value(total:float, bounds:tuple[float, float]) -> float:
     "Map a reward `total` in `bounds` linearly onto [-1, 1] (clipped)."
     lo, hi = bounds
@@ -51,6 +56,7 @@ class RewardTerms:
     total: float
     terms: dict = field(default_factory=dict)
 
+# %% ../nbs/11_selfplay.ipynb #bca6de81
 class LengthReward:
     "Test/benchmark reward: 1 at `target` visible words, linearly down to -1; -1 if a thought is left open."
     bounds = (-1.0, 1.0)
@@ -63,6 +69,7 @@ class LengthReward:
         return RewardTerms(total, dict(length=length, unclosed_thought=float(unclosed_thought)))
     def __repr__(self): return f"LengthReward(target={self.target})"
 
+# %% ../nbs/11_selfplay.ipynb #15985162
 def _as_terms(r) -> RewardTerms:
     "Normalise a reward callback's return value."
     if isinstance(r, (int, float, np.floating)): return RewardTerms(float(r), {})
@@ -106,12 +113,14 @@ def score(self:SelfPlayEnv, states:Sequence[EnvState]):
     self.reward_calls += len(keys)
     for k, o in zip(keys, outs): self.cache[k] = _as_terms(o)
 
+# %% ../nbs/11_selfplay.ipynb #f9ffecd8
 @patch
 def reward(self:SelfPlayEnv, s:EnvState) -> RewardTerms:
     "Reward of a finished state (cached per visible text, tokens and open thought)."
     self.score([s])
     return self.cache[self._key(s)]
 
+# %% ../nbs/11_selfplay.ipynb #b1ba5ffe
 @patch
 def terminal_value(self:SelfPlayEnv, s:EnvState) -> float:
     "The finished episode's reward mapped to [-1, 1]."
@@ -141,6 +150,7 @@ class Episode:
         return (f"Episode(task={self.task!r}, positions={len(self.policies)}, value={self.value:.3f}, "
                 f"actions={self.actions}, tokens={self.tokens}, search_tokens={self.search_tokens})")
 
+# %% ../nbs/11_selfplay.ipynb #b2d02ddd
 def play_selfplay_episode(engine, # the `Engine`
                           item:dict, # task item: `prompt`, `id`, `task`, `references`
                           evaluator:Callable, # (features, masks) -> (priors, values): `make_evaluator(net)` or `uniform_evaluator`
@@ -177,7 +187,6 @@ def selfplay_items(cfg:Config, # `selfplay.tasks` and the `tasks` section
                    seed:int=0, # sample seed
                   ) -> list[dict]:
     "`n` training items, round-robin over `cfg.selfplay.tasks`."
-    from research_controller.rewards import TASKS, load_task_items
     tasks = list(cfg.selfplay.tasks)
     if not tasks: raise ConfigError("selfplay.tasks is empty; list at least one of " + str(list(TASKS)) + ".")
     bad = [t for t in tasks if t not in TASKS]
@@ -197,25 +206,20 @@ def episode_seed(seed:int, i:int) -> int:
     "The seed of episode `i` of a run seeded `seed`."
     return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0])
 
+# %% ../nbs/11_selfplay.ipynb #be879213
+def _default_loader(cfg): return load_slm(cfg)
+
+def _default_reward(cfg, model, tok):
+    return RewardCalculator(cfg, model, tok)  # callable like .calc, with .calc.batch and .bounds
+
 def _evaluator_for(checkpoint, engine) -> Callable:
     if checkpoint is None: return uniform_evaluator
     net, _ = load_checkpoint(checkpoint, feature_dim=engine.feature_dim, action_names=ACTION_NAMES, slm_fingerprint=engine.fingerprint)
     return make_evaluator(net)
 
-# %% ../nbs/11_selfplay.ipynb #be879213
-def _default_loader(cfg):
-    from research_controller.slm import load_slm
-    return load_slm(cfg)
-
-def _default_reward(cfg, model, tok):
-    try: from research_controller.rewards import RewardCalculator
-    except ImportError as e: raise ImportError(f"research_controller.rewards has no RewardCalculator yet ({e}); pass reward_fn=...") from None
-    return RewardCalculator(cfg, model, tok)  # callable like .calc, with .calc.batch and .bounds
-
 class _Player:
     "Plays episodes in one process: engine on its own SLM, reward callback, evaluator."
     def __init__(self, cfg:Config, checkpoint=None, reward_fn=None, slm_loader=None, engine=None, threads:int=0):
-        from research_controller.engine import Engine
         if threads: torch.set_num_threads(threads)
         if engine is None:
             model, tok = (slm_loader or _default_loader)(cfg)
@@ -310,16 +314,17 @@ class SelfPlaySummary:
         return (f"SelfPlaySummary(episodes={self.episodes}, positions={self.positions}, mean_reward={self.mean_reward:.3f}, "
                 f"controller_version={self.controller_version!r})")
 
+# %% ../nbs/11_selfplay.ipynb #36ad1e61
 def default_buffer_path(cfg:Config) -> Path:
     "Where self-play writes by default: `<runs>/<selfplay.out_dir>/buffer`."
     return run_path(cfg, cfg.selfplay.out_dir)/'buffer'
 
+# %% ../nbs/11_selfplay.ipynb #10e95828
 def _meta(ep:Episode, eid:str, version:str, fp:str, chash:str, i:int) -> dict:
     return dict(episode_id=eid, controller_version=version, slm_fingerprint=fp, reward=ep.reward, value=ep.value,
                 reward_terms=ep.terms, task=ep.task, prompt_id=ep.item_id, seed=ep.seed, index=i, actions=ep.actions,
                 tokens=ep.tokens, search_tokens=ep.search_tokens, text=ep.text, config_hash=chash)
 
-# %% ../nbs/11_selfplay.ipynb #10e95828
 def run_selfplay(cfg:Config, # the config (`selfplay`, `mcts`, `buffer`, `macro`, ...)
                  checkpoint:str|Path|None=None, # policy/value checkpoint guiding the search; None = uniform priors, value 0
                  episodes:int|None=None, # number of episodes; None = selfplay.episodes
@@ -350,7 +355,6 @@ def run_selfplay(cfg:Config, # the config (`selfplay`, `mcts`, `buffer`, `macro`
     ids, rewards, serials, positions = [], [], [], 0
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=episodes, desc='self-play', unit='episode')
     try:
         for i, ep, fp in gen:

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .config import Config, ConfigError, atomic_write, config_hash, config_to_dict, load_config, run_path
 from .macro_actions import ACTION_NAMES, N_ACTIONS
@@ -23,7 +24,7 @@ from .selfplay import default_buffer_path
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'WANDB_HINT', 'LOSS_KEYS', 'open_buffer', 'BufferData', 'StepSampler', 'make_loader', 'lr_factor',
+__all__ = ['log', 'LOSS_KEYS', 'WANDB_HINT', 'open_buffer', 'BufferData', 'StepSampler', 'make_loader', 'lr_factor',
            'TrainCallback', 'TensorBoardLogger', 'WandbLogger', 'TrainResult', 'Trainer', 'train', 'plot_losses']
 
 # %% ../nbs/12_train.ipynb #b77742e4
@@ -37,6 +38,7 @@ def open_buffer(path:str|Path) -> ReplayBuffer:
     if h.get('format') != BUFFER_FORMAT: raise ReplayBufferError(f"{str(path)!r} is not a {BUFFER_FORMAT} buffer.")
     return ReplayBuffer(path, h['dim'], h['n_actions'], h['capacity'], h['dtype'], readonly=True)
 
+# %% ../nbs/12_train.ipynb #7ef1c761
 class BufferData(Dataset):
     "In-memory snapshot of replay-buffer positions; indexed by an array of positions, returns a batch dict of tensors."
     def __init__(self, buf:ReplayBuffer, episode_ids:Sequence|None=None):
@@ -83,6 +85,7 @@ class StepSampler(Sampler):
         for k in range(self.start, self.stop): yield self.batch(k)
     def __len__(self): return max(0, self.stop - self.start)
 
+# %% ../nbs/12_train.ipynb #92e4f30b
 def make_loader(data:BufferData, cfg:Config, start:int, stop:int) -> DataLoader:
     "DataLoader over `data` yielding the batches of steps `[start, stop)`."
     w = 0.5**(data.age/cfg.buffer.recency_half_life) if cfg.buffer.sampling == 'recency' else None
@@ -109,6 +112,9 @@ class TrainCallback:
     def after_step(self, tr:'Trainer', rec:dict): pass
     def after_fit(self, tr:'Trainer'): pass
 
+# %% ../nbs/12_train.ipynb #71ac39f3
+LOSS_KEYS = ('total', 'policy', 'policy_kl', 'value', 'ponder', 'l2', 'steps')
+
 class TensorBoardLogger(TrainCallback):
     "Scalars of every step to TensorBoard."
     order = 10
@@ -121,6 +127,7 @@ class TensorBoardLogger(TrainCallback):
             if k != 'step': self.w.add_scalar(f"{'loss/' if k in LOSS_KEYS else 'train/'}{k}", v, rec['step'])
     def after_fit(self, tr): self.w.flush(); self.w.close()
 
+# %% ../nbs/12_train.ipynb #c4e8a8f4
 WANDB_HINT = "pip install 'research_controller[wandb]' (or pip install wandb==0.31.0)"
 
 class WandbLogger(TrainCallback):
@@ -135,8 +142,6 @@ class WandbLogger(TrainCallback):
                               id=f"{tr.out_dir.name}-{tr.run_id}", resume='allow', reinit=True)
     def after_step(self, tr, rec): self.run.log({k: v for k, v in rec.items() if k != 'step'}, step=rec['step'])
     def after_fit(self, tr): self.run.finish()
-
-LOSS_KEYS = ('total', 'policy', 'policy_kl', 'value', 'ponder', 'l2', 'steps')
 
 # %% ../nbs/12_train.ipynb #874fe1e8
 @dataclass
@@ -154,8 +159,6 @@ class TrainResult:
         first, last = (self.losses[0]['total'], self.losses[-1]['total']) if self.losses else (float('nan'),)*2
         return (f"TrainResult(steps={self.steps}, resumed_from={self.resumed_from}, loss {first:.3f} -> {last:.3f}, "
                 f"checkpoint={Path(self.checkpoint).name!r})")
-
-def _atomic_torch_save(obj, path:Path): atomic_write(path, lambda t: torch.save(obj, t))
 
 # %% ../nbs/12_train.ipynb #d70ce3d2
 class Trainer:
@@ -193,41 +196,6 @@ class Trainer:
             f = getattr(c, event, None)
             if f is not None: f(self, *a)
 
-# %% ../nbs/12_train.ipynb #89ba1ce6
-@patch
-def save_state(self:Trainer):
-    "Write the resumable state and a network checkpoint for the current step (atomic)."
-    self.out_dir.mkdir(parents=True, exist_ok=True)
-    st = dict(run_id=self.run_id, step=self.step, net=self.net.state_dict(), opt=self.opt.state_dict(), sched=self.sched.state_dict(),
-              scaler=self.scaler.state_dict(), rng=torch.get_rng_state(),
-              cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], losses=self.losses)
-    _atomic_torch_save(st, self.state_path)
-    return self.save_checkpoint(self.out_dir/f'step_{self.step:06d}.pt')
-
-@patch
-def save_checkpoint(self:Trainer, path:Path) -> Path:
-    "A `network.save_checkpoint` file of the current network with the run's provenance."
-    extra = dict(step=self.step, steps=self.steps, run_id=self.run_id, data_digest=self.data.digest, buffer=self.data.buffer_path,
-                 episodes=self.data.episodes, positions=len(self.data), init_checkpoint=self.init_checkpoint,
-                 loss=self.losses[-1]['total'] if self.losses else None)
-    return save_checkpoint(self.net, path, self.data.slm_fingerprint, ACTION_NAMES, self.cfg, extra=extra)
-
-@patch
-def try_resume(self:Trainer) -> bool:
-    "Load `train_state.pt` if it belongs to this run; returns whether it did."
-    if not self.state_path.exists(): return False
-    try: st = torch.load(self.state_path, map_location=self.device, weights_only=True)
-    except Exception as e:
-        warnings.warn(f"ignoring unreadable {str(self.state_path)!r} ({type(e).__name__}); training from step 0."); return False
-    if st.get('run_id') != self.run_id:
-        warnings.warn(f"ignoring {str(self.state_path)!r}: it belongs to another run (other data, settings or steps); training from step 0.")
-        return False
-    self.net.load_state_dict(st['net']); self.opt.load_state_dict(st['opt']); self.sched.load_state_dict(st['sched'])
-    self.scaler.load_state_dict(st['scaler']); torch.set_rng_state(st['rng'].cpu())
-    if st['cuda_rng'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all([r.cpu() for r in st['cuda_rng']])
-    self.step, self.losses, self.resumed_from = int(st['step']), list(st['losses']), int(st['step'])
-    return True
-
 # %% ../nbs/12_train.ipynb #abf4e080
 @patch
 def train_step(self:Trainer, batch:dict) -> dict:
@@ -251,6 +219,45 @@ def train_step(self:Trainer, batch:dict) -> dict:
     self.losses.append(rec)
     return rec
 
+# %% ../nbs/12_train.ipynb #89ba1ce6
+@patch
+def save_checkpoint(self:Trainer, path:Path) -> Path:
+    "A `network.save_checkpoint` file of the current network with the run's provenance."
+    extra = dict(step=self.step, steps=self.steps, run_id=self.run_id, data_digest=self.data.digest, buffer=self.data.buffer_path,
+                 episodes=self.data.episodes, positions=len(self.data), init_checkpoint=self.init_checkpoint,
+                 loss=self.losses[-1]['total'] if self.losses else None)
+    return save_checkpoint(self.net, path, self.data.slm_fingerprint, ACTION_NAMES, self.cfg, extra=extra)
+
+# %% ../nbs/12_train.ipynb #3f6f8317
+def _atomic_torch_save(obj, path:Path): atomic_write(path, lambda t: torch.save(obj, t))
+
+@patch
+def save_state(self:Trainer):
+    "Write the resumable state and a network checkpoint for the current step (atomic)."
+    self.out_dir.mkdir(parents=True, exist_ok=True)
+    st = dict(run_id=self.run_id, step=self.step, net=self.net.state_dict(), opt=self.opt.state_dict(), sched=self.sched.state_dict(),
+              scaler=self.scaler.state_dict(), rng=torch.get_rng_state(),
+              cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], losses=self.losses)
+    _atomic_torch_save(st, self.state_path)
+    return self.save_checkpoint(self.out_dir/f'step_{self.step:06d}.pt')
+
+# %% ../nbs/12_train.ipynb #c6fd3bb2
+@patch
+def try_resume(self:Trainer) -> bool:
+    "Load `train_state.pt` if it belongs to this run; returns whether it did."
+    if not self.state_path.exists(): return False
+    try: st = torch.load(self.state_path, map_location=self.device, weights_only=True)
+    except Exception as e:
+        warnings.warn(f"ignoring unreadable {str(self.state_path)!r} ({type(e).__name__}); training from step 0."); return False
+    if st.get('run_id') != self.run_id:
+        warnings.warn(f"ignoring {str(self.state_path)!r}: it belongs to another run (other data, settings or steps); training from step 0.")
+        return False
+    self.net.load_state_dict(st['net']); self.opt.load_state_dict(st['opt']); self.sched.load_state_dict(st['sched'])
+    self.scaler.load_state_dict(st['scaler']); torch.set_rng_state(st['rng'].cpu())
+    if st['cuda_rng'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all([r.cpu() for r in st['cuda_rng']])
+    self.step, self.losses, self.resumed_from = int(st['step']), list(st['losses']), int(st['step'])
+    return True
+
 # %% ../nbs/12_train.ipynb #fc187f08
 @patch
 def fit(self:Trainer, progress:bool=True) -> Path:
@@ -259,7 +266,6 @@ def fit(self:Trainer, progress:bool=True) -> Path:
     self._cb('before_fit')
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=self.steps, initial=self.step, desc='train', unit='step')
     try:
         for batch in make_loader(self.data, self.cfg, self.step, self.steps):
