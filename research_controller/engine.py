@@ -24,7 +24,7 @@ from .macro_actions import legal_mask as macro_legal_mask
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Segment', 'GenState', 'GenerationResult', 'Engine', 'get_engine']
+__all__ = ['log', 'ATTENTION_TYPES', 'Segment', 'GenState', 'GenerationResult', 'attention_layout', 'Engine', 'get_engine']
 
 # %% ../nbs/04_engine.ipynb #2c0574b0
 class _BufferLayer(CacheLayerMixin):
@@ -109,6 +109,19 @@ class GenerationResult:
     meta: dict = field(default_factory=dict)
     def to_dict(self) -> dict: return asdict(self)
 
+# %% ../nbs/04_engine.ipynb #e54f613f
+ATTENTION_TYPES = ('full_attention', 'sliding_attention')
+
+def attention_layout(mc) -> tuple:
+    "(layer types, sliding window or None) of a model config; a plain decoder is all 'full_attention' with no window."
+    n, w = mc.num_hidden_layers, getattr(mc, 'sliding_window', None)
+    lt = list(getattr(mc, 'layer_types', None) or (['sliding_attention'] * n if w else ['full_attention'] * n))
+    bad = sorted(set(lt) - set(ATTENTION_TYPES))
+    if bad: raise ConfigError(f"the engine supports full and sliding-window attention layers; this model has {bad}. Fix: use a decoder whose "
+                              f"layer types are among {list(ATTENTION_TYPES)} (Llama, SmolLM2, Qwen2, Gemma 3, Mistral-style).")
+    if 'sliding_attention' in lt and not w: raise ConfigError("the model has sliding-attention layers but no sliding_window in its config; fix the model config.")
+    return lt, (int(w) if 'sliding_attention' in lt else None)
+
 # %% ../nbs/04_engine.ipynb #c515d6a9
 class Engine:
     "Incremental, batched, forkable generation of a frozen SLM steered by macro-actions."
@@ -116,10 +129,7 @@ class Engine:
         self.cfg = cfg or load_config()
         self.model, self.tok = model, tok
         mc = model.config
-        lt = getattr(mc, 'layer_types', None)
-        if getattr(mc, 'sliding_window', None) or (lt and any(t != 'full_attention' for t in lt)):
-            raise ConfigError(f"slm.source={self.cfg.slm.source!r}: the engine supports full-attention decoders only (this model has "
-                              f"layer types {sorted(set(lt or ['sliding']))}). Fix: use a Llama/SmolLM2-style model.")
+        self.layer_types, self.window = attention_layout(mc)  # the window is applied by the masks (`_masks`)
         for a in ('thought_open_id', 'thought_close_id'):
             if getattr(tok, a, None) is None: raise ConfigError(f"tokenizer has no {a}; load models with research_controller.slm.load_slm / tiny_slm.")
         self.n_layers, self.n_kv = mc.num_hidden_layers, mc.num_key_value_heads
@@ -150,6 +160,18 @@ class Engine:
 
     def __repr__(self):
         return f"Engine({type(self.model).__name__}, layers={self.n_layers}, kv_heads={self.n_kv}, feature_dim={self.feature_dim})"
+
+# %% ../nbs/04_engine.ipynb #69f7e889
+@patch
+def _masks(self:Engine, m:torch.Tensor, # additive mask [B, 1, n_q, n_k] over buffer columns
+           q_cols, # buffer column of each query row (an int for one decode step, a range for a prefill)
+          ) -> torch.Tensor|dict:
+    "The attention mask argument of a forward: `m` for full attention, or per layer type with the window applied."
+    if self.window is None: return m
+    q = torch.as_tensor(q_cols, device=m.device).reshape(-1, 1)
+    far = (q - torch.arange(m.shape[-1], device=m.device).reshape(1, -1)) >= self.window  # keys the window no longer reaches
+    s = m.masked_fill(far, self.neg)
+    return s if all(t == 'sliding_attention' for t in self.layer_types) else {'full_attention': m, 'sliding_attention': s}
 
 # %% ../nbs/04_engine.ipynb #c422ab59
 def _causal_pad_mask(offsets:list[int], n:int, dtype, neg, device) -> torch.Tensor:
@@ -199,7 +221,7 @@ def _prefill(self:Engine, prompts, budget, seeds, temperature, top_p, top_k):
     pos = (torch.arange(n, device=self.device)[None] - torch.tensor(offs, device=self.device)[:, None]).clamp_min(0)
     buf = torch.zeros(self.n_layers, 2, B, self.n_kv, n, self.head_dim, dtype=self.dtype, device=self.device)
     cache = _BufferCache(buf, 0)
-    h = self.model.model(input_ids=inp, attention_mask=_causal_pad_mask(offs, n, self.dtype, self.neg, self.device),
+    h = self.model.model(input_ids=inp, attention_mask=self._masks(_causal_pad_mask(offs, n, self.dtype, self.neg, self.device), range(n)),
                          position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
     logits = self.model.lm_head(h[:, -1])
     _, _, st = self._next_stats(logits)
@@ -422,7 +444,7 @@ def _run(self:Engine, rows:list[_Row]) -> None:
             if k != 'end': r.toks.append(toks[b])
         active = [not r.finished for r in rows]
         cache.pos = P + j
-        h = self.model.model(input_ids=torch.tensor(toks, device=self.device)[:, None], attention_mask=mask[..., :P + j + 1],
+        h = self.model.model(input_ids=torch.tensor(toks, device=self.device)[:, None], attention_mask=self._masks(mask[..., :P + j + 1], P + j),
                              position_ids=pos + j, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
         logits = self.model.lm_head(h)
         x, lp, st = self._next_stats(logits)
