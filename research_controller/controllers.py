@@ -6,7 +6,8 @@ Docs: https://research-controller.github.io/research_controller/controllers.html
 
 # %% ../nbs/10_controllers.ipynb #c5b7869c
 from __future__ import annotations
-import dataclasses, hashlib, math, time
+import dataclasses, hashlib, math, re, time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 import numpy as np
@@ -16,14 +17,14 @@ from .macro_actions import ACTION_NAMES, N_ACTIONS, Action
 from .engine import Engine, GenState, GenerationResult, Segment, get_engine
 from .mcts import MCTS
 from .network import CheckpointError, PolicyValueNet, load_checkpoint, make_evaluator
-from .rewards import RewardCalculator
+from .rewards import Judge, RewardCalculator, gsm8k_extract, normalize_answer
 from .registry import ControllerRegistry, RegistryError, version_name
 
 # %% auto #0
-__all__ = ['BASELINES', 'Controller', 'GreedyBaseline', 'SamplingBaseline', 'BestOfN', 'ThresholdController', 'make_controller',
-           'PolicyController', 'EnvState', 'finished_key', 'SearchEnv', 'ValueEnv', 'MCTSController',
-           'checkpoint_version', 'load_controller', 'baseline_names', 'registry_if_exists', 'controller_key',
-           'resolve_controller', 'generate_text']
+__all__ = ['BASELINES', 'Controller', 'GreedyBaseline', 'SamplingBaseline', 'GreedyStopRule', 'BestOfN', 'short_answer',
+           'SelfConsistency', 'ThresholdController', 'make_controller', 'PolicyController', 'EnvState', 'finished_key',
+           'SearchEnv', 'ValueEnv', 'MCTSController', 'checkpoint_version', 'load_controller', 'baseline_names',
+           'registry_if_exists', 'controller_key', 'resolve_controller', 'generate_text']
 
 # %% ../nbs/10_controllers.ipynb #452c9141
 def _budget(engine:Engine, max_new_tokens) -> int:
@@ -69,6 +70,31 @@ def generate(self:Controller, engine:Engine, prompt:str, max_new_tokens:Optional
     r.meta['controller'] = self.name
     return self.finish(r, notes)
 
+# %% ../nbs/10_controllers.ipynb #ede1591e
+@patch
+def generate_batch(self:Controller, engine:Engine, prompts:Sequence[str], max_new_tokens:Optional[int]=None,
+                   seeds:Sequence[int]|int=0, # one seed per prompt (or one for all)
+                   include_thoughts:bool=False, items:Optional[Sequence[dict]]=None) -> list[GenerationResult]:
+    "`generate` for many prompts at once: the decisions of all live episodes are decoded in one batched engine step."
+    self.check(engine)
+    t0 = time.perf_counter()
+    seeds = [seeds] * len(prompts) if isinstance(seeds, (int, np.integer)) else list(seeds)
+    if len(seeds) != len(prompts): raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
+    ss = engine.new_states(list(prompts), _budget(engine, max_new_tokens), seed=seeds, **self.sampling())
+    notes = [{} for _ in ss]
+    while live := [i for i, s in enumerate(ss) if not engine.is_done(s)]:
+        decided = [self.decide(engine, ss[i]) for i in live]
+        engine.step_batch([ss[i] for i in live], [a for a, _ in decided])
+        for i, (_, note) in zip(live, decided):
+            if note: notes[i][ss[i].last.step] = note
+    out = []
+    for s, n in zip(ss, notes):
+        r = engine.result(s, include_thoughts, n)
+        r.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
+        r.meta.update(controller=self.name, batch=len(ss))
+        out.append(self.finish(r, n))
+    return out
+
 # %% ../nbs/10_controllers.ipynb #1ca3d4e7
 class GreedyBaseline(Controller):
     "CONTINUE greedily until end-of-sequence or the budget: plain decoding."
@@ -85,6 +111,23 @@ class SamplingBaseline(Controller):
         return dict(temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
     def decide(self, engine, s): return Action.CONTINUE, None
 
+# %% ../nbs/10_controllers.ipynb #c0f2ccf5
+_SENTENCE_END = re.compile(r'[.!?](?=\s|$)|\n')
+
+class GreedyStopRule(GreedyBaseline):
+    "Greedy decoding that stops at the first sentence end or newline of the answer."
+    name = 'greedy_stop'
+    def decide(self, engine:Engine, s:GenState) -> tuple:
+        "STOP once the visible answer holds a sentence end or a newline, else CONTINUE."
+        text = engine.tok.decode(engine.visible_ids(s.tip), skip_special_tokens=True).strip()
+        if text and _SENTENCE_END.search(text) and engine.legal_mask(s)[Action.STOP]: return Action.STOP, dict(why="sentence end")
+        return Action.CONTINUE, None
+    def finish(self, r:GenerationResult, notes:dict) -> GenerationResult:
+        "Cut the text after its first sentence end (the chunk may run past it)."
+        t = r.text.lstrip(); m = _SENTENCE_END.search(t)
+        if m: r.text = t[:m.end()].rstrip()
+        return r
+
 # %% ../nbs/10_controllers.ipynb #f5ccfded
 class BestOfN(Controller):
     "Sample N candidates at equal shares of the budget and return the best-scoring one."
@@ -94,51 +137,102 @@ class BestOfN(Controller):
         super().__init__(cfg)
         self.n = self.cfg.baselines.best_of_n if n is None else int(n)
         if self.n < 1: raise ValueError(f"best-of-N needs n >= 1 (got {self.n}); set baselines.best_of_n.")
-        self.scorer, self._reward = scorer, None
+        self.scorer, self._reward, self._judge = scorer, None, None
+    @property
+    def scoring(self) -> str: return self.cfg.baselines.best_of_n_scorer  # how candidates are ranked
 
 # %% ../nbs/10_controllers.ipynb #901f4b80
 def _mean_logprob(tip:Segment) -> float: return tip.lp_sum / tip.lp_n if tip.lp_n else -math.inf
 
 @patch
-def _scores(self:BestOfN, engine:Engine, cands:list, texts:list, item:dict|None) -> list[float]:
-    "The score of each candidate: the scorer, the full reward, or the mean log-probability of its visible tokens."
-    if self.scorer is not None: return [float(self.scorer(t, item)) for t in texts]
-    if self.cfg.baselines.best_of_n_scorer == 'reward':
-        if self._reward is None: self._reward = RewardCalculator(self.cfg, engine.model, engine.tok)
-        return [float(self._reward(t, item, n_tokens=engine.tokens_spent(c), unclosed_thought=c.ms.in_thought).total)
-                for t, c in zip(texts, cands)]
-    return [_mean_logprob(c.tip) for c in cands]
+def _scores(self:BestOfN, engine:Engine, cands:list, texts:list, item:dict|None) -> tuple:
+    "(score of each candidate, SLM tokens the scoring forwarded): the scorer, the judge, the full reward, or the mean log-prob."
+    if self.scorer is not None: return [float(self.scorer(t, item)) for t in texts], 0
+    how = self.cfg.baselines.best_of_n_scorer
+    if how == 'logprob': return [_mean_logprob(c.tip) for c in cands], 0  # free: read off the segments
+    if self._judge is None: self._judge = Judge(self.cfg, engine.model, engine.tok)
+    js = self._judge.score(texts, [(item or {}).get('prompt')] * len(texts))  # the judge runs the SLM: its tokens count
+    spent = sum(j.tokens for j in js)
+    if how == 'judge': return [j.score for j in js], spent
+    if self._reward is None: self._reward = RewardCalculator(self.cfg, engine.model, engine.tok)
+    return [float(self._reward(t, item, n_tokens=engine.tokens_spent(c), unclosed_thought=c.ms.in_thought).total)  # the judge's
+            for t, c in zip(texts, cands)], spent  # ratings are cached by the call above
 
-# %% ../nbs/10_controllers.ipynb #047e9450
+# %% ../nbs/10_controllers.ipynb #1337b012
 @patch
-def generate(self:BestOfN, engine:Engine, prompt:str, max_new_tokens:Optional[int]=None, seed:int=0,
-             include_thoughts:bool=False, item:Optional[dict]=None) -> GenerationResult:
-    "Generate N candidates with `max_new_tokens // N` tokens each; return the best with every candidate's cost."
-    t0 = time.perf_counter()
-    budget = _budget(engine, max_new_tokens)
-    n = min(self.n, budget)
-    per = budget // n
-    b = self.cfg.baselines
-    root = engine.new_state(prompt, per, seed=seed, temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
-    seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(n)]
-    cands = [engine.fork(root, seed=sd) for sd in seeds]
-    while True:
-        live = [c for c in cands if not engine.is_done(c)]
-        if not live: break
-        engine.step_batch(live, [Action.CONTINUE] * len(live))
+def _candidates(self:BestOfN, engine:Engine, prompts:Sequence[str], budget:int, seeds:Sequence[int]) -> tuple:
+    "(per-candidate budget, each prompt's candidate seeds and candidate states): all candidates of all prompts stepped together."
+    n = min(self.n, budget); per = budget // n; b = self.cfg.baselines
+    roots = engine.new_states(list(prompts), per, seed=list(seeds), temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
+    cseeds = [[int(np.random.SeedSequence([sd, i]).generate_state(1)[0]) for i in range(n)] for sd in seeds]
+    cands = [[engine.fork(r, seed=sd) for sd in ss] for r, ss in zip(roots, cseeds)]
+    flat = [c for cs in cands for c in cs]
+    while live := [c for c in flat if not engine.is_done(c)]: engine.step_batch(live, [Action.CONTINUE] * len(live))
+    return per, cseeds, cands
+
+# %% ../nbs/10_controllers.ipynb #47613883
+@patch
+def _pick(self:BestOfN, engine:Engine, cands:list, seeds:list, per:int, budget:int, item:dict|None,
+          include_thoughts:bool=False) -> GenerationResult:
+    "The best candidate's result: its text, every candidate's trace (field `candidate`) and all tokens spent, scoring included."
     texts = [engine.tok.decode(engine.visible_ids(c.tip), skip_special_tokens=True) for c in cands]
-    scores = self._scores(engine, cands, texts, item)
+    scores, scoring = self._scores(engine, cands, texts, item)
     best = int(np.argmax(scores))
     r = engine.result(cands[best], include_thoughts)
     r.macro_trace = [dict(e, candidate=i) for i, c in enumerate(cands)
                      for e in (r.macro_trace if i == best else engine.trace(c, include_thoughts))]
-    r.tokens = sum(engine.tokens_spent(c) for c in cands)
-    r.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
-    r.meta.update(controller=self.name, budget=budget, per_candidate_budget=per, chosen=best,
-                  scorer=getattr(self.scorer, '__name__', 'callback') if self.scorer else b.best_of_n_scorer,
+    r.tokens = sum(engine.tokens_spent(c) for c in cands) + scoring
+    scorer = getattr(self.scorer, '__name__', 'callback') if self.scorer else self.scoring
+    r.meta.update(controller=self.name, budget=budget, per_candidate_budget=per, chosen=best, scorer=scorer, scoring_tokens=scoring,
                   candidates=[dict(seed=sd, tokens=engine.tokens_spent(c), score=round(float(sc), 6), stop=c.ms.reason)
                               for sd, c, sc in zip(seeds, cands, scores)])
     return r
+
+# %% ../nbs/10_controllers.ipynb #dc4b7c91
+@patch
+def generate_batch(self:BestOfN, engine:Engine, prompts:Sequence[str], max_new_tokens:Optional[int]=None,
+                   seeds:Sequence[int]|int=0, include_thoughts:bool=False, items:Optional[Sequence[dict]]=None) -> list[GenerationResult]:
+    "N candidates per prompt with `max_new_tokens // N` tokens each, all stepped together; the best of each prompt."
+    t0 = time.perf_counter()
+    budget = _budget(engine, max_new_tokens)
+    seeds = [seeds] * len(prompts) if isinstance(seeds, (int, np.integer)) else list(seeds)
+    if len(seeds) != len(prompts): raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
+    items = list(items) if items is not None else [None] * len(prompts)
+    per, cseeds, cands = self._candidates(engine, prompts, budget, seeds)
+    out = [self._pick(engine, cs, ss, per, budget, it, include_thoughts) for cs, ss, it in zip(cands, cseeds, items)]
+    for r in out: r.latency_ms = round((time.perf_counter() - t0) * 1000, 3); r.meta['batch'] = len(prompts)
+    return out
+
+@patch
+def generate(self:BestOfN, engine:Engine, prompt:str, max_new_tokens:Optional[int]=None, seed:int=0,
+             include_thoughts:bool=False, item:Optional[dict]=None) -> GenerationResult:
+    "Generate N candidates with `max_new_tokens // N` tokens each; return the best with every candidate's cost."
+    return self.generate_batch(engine, [prompt], max_new_tokens, [seed], include_thoughts, [item])[0]
+
+# %% ../nbs/10_controllers.ipynb #b3190ce5
+def short_answer(text:str, item:dict|None=None) -> str:
+    "The normalised short answer votes are taken over: GSM8K's final number, else the first sentence or line."
+    if (item or {}).get('task') == 'gsm8k': return gsm8k_extract(text) or ''
+    t = text.strip(); m = _SENTENCE_END.search(t)
+    return normalize_answer(t[:m.start()] if m else t)
+
+# %% ../nbs/10_controllers.ipynb #fbde2820
+class SelfConsistency(BestOfN):
+    "N sampled answers at equal shares of the budget; the answer most of them agree on wins (ties: mean log-prob)."
+    name, scoring = 'self_consistency', 'majority vote'
+    def __init__(self, cfg:Config|None=None, n:Optional[int]=None): # samples; None = `baselines.self_consistency_n`
+        cfg = cfg or load_config()
+        super().__init__(cfg, n=cfg.baselines.self_consistency_n if n is None else n)
+
+@patch
+def _scores(self:SelfConsistency, engine:Engine, cands:list, texts:list, item:dict|None) -> tuple:
+    "(votes for each candidate's short answer plus a tie-break below 0.5 from its mean log-prob, 0 scoring tokens)."
+    keys = [short_answer(t, item) for t in texts]
+    votes, lp = Counter(k for k in keys if k), [_mean_logprob(c.tip) for c in cands]
+    fin = [x for x in lp if math.isfinite(x)]
+    lo, hi = (min(fin), max(fin)) if fin else (0.0, 0.0)
+    tie = [0.0 if not math.isfinite(x) or hi == lo else 0.49 * (x - lo) / (hi - lo) for x in lp]
+    return [votes.get(k, 0) + t for k, t in zip(keys, tie)], 0
 
 # %% ../nbs/10_controllers.ipynb #6fd119b8
 class ThresholdController(Controller):
@@ -177,7 +271,8 @@ def decide(self:ThresholdController, engine:Engine, s:GenState) -> tuple:
     return Action.CONTINUE, None
 
 # %% ../nbs/10_controllers.ipynb #8b46c425
-BASELINES = {'greedy': GreedyBaseline, 'sampling': SamplingBaseline, 'best_of_n': BestOfN, 'threshold': ThresholdController}
+BASELINES = {'greedy': GreedyBaseline, 'greedy_stop': GreedyStopRule, 'sampling': SamplingBaseline, 'best_of_n': BestOfN,
+             'self_consistency': SelfConsistency, 'threshold': ThresholdController}
 
 # %% ../nbs/10_controllers.ipynb #d382ffff
 def make_controller(name:str, cfg:Config|None=None, **kw) -> Controller:
