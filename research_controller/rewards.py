@@ -20,14 +20,14 @@ from .config import (Config, ConfigError, atomic_write_text, data_path, load_con
 
 # %% auto #0
 __all__ = ['TASKS', 'SPLITS', 'LM_TOKENIZER_VERSION', 'KENLM_SDIST', 'KENLM_APT', 'KENLM_PIP', 'JUDGE_INSTRUCTIONS',
-           'JUDGE_SHOTS', 'JUDGE_PREFIX', 'NO_REQUEST', 'TASK_PRIMARY', 'stable_unit', 'in_eval', 'cut_context',
-           'gsm8k_reference', 'wikitext_detok', 'wikitext_articles', 'load_task_items', 'lm_sentences', 'lm_corpus',
-           'kenlm_tools_dir', 'find_kenlm_tools', 'build_kenlm_tools', 'kenlm_tools', 'asset_path', 'build_lm',
-           'Fluency', 'judge_messages', 'JudgeCache', 'Judge', 'load_slm_for_judge', 'JudgeScore', 'normalize_answer',
-           'squad_em', 'squad_f1', 'gsm8k_extract', 'gsm8k_acc', 'nq_em', 'task_score', 'length_penalty',
-           'repetition_rate', 'RewardContext', 'RewardBreakdown', 'RewardTerm', 'FluencyTerm', 'CoherenceTerm',
-           'TaskTerm', 'LengthPenalty', 'RepetitionPenalty', 'UnclosedThoughtPenalty', 'default_terms',
-           'RewardCalculator']
+           'JUDGE_SHOTS', 'JUDGE_PREFIX', 'NO_REQUEST', 'TASK_PRIMARY', 'TASK_METRIC', 'stable_unit', 'in_eval',
+           'data_cache_dir', 'cut_context', 'gsm8k_reference', 'wikitext_detok', 'wikitext_articles', 'load_task_items',
+           'lm_sentences', 'lm_corpus', 'kenlm_tools_dir', 'find_kenlm_tools', 'build_kenlm_tools', 'kenlm_tools',
+           'asset_path', 'build_lm', 'Fluency', 'judge_messages', 'JudgeCache', 'Judge', 'load_slm_for_judge',
+           'JudgeScore', 'normalize_answer', 'squad_em', 'squad_f1', 'gsm8k_extract', 'gsm8k_acc', 'nq_em', 'nq_f1',
+           'continuation_overlap', 'task_score', 'length_penalty', 'repetition_rate', 'RewardContext',
+           'RewardBreakdown', 'RewardTerm', 'FluencyTerm', 'CoherenceTerm', 'TaskTerm', 'LengthPenalty',
+           'RepetitionPenalty', 'UnclosedThoughtPenalty', 'default_terms', 'RewardCalculator']
 
 # %% ../nbs/08_rewards.ipynb #2b1faef5
 TASKS = ('squad', 'gsm8k', 'nq_open', 'wikitext')
@@ -44,17 +44,48 @@ def in_eval(task:str, key:str, frac:float) -> bool:
 
 def _short_id(prefix:str, s:str) -> str: return f"{prefix}-{hashlib.sha256(s.encode('utf-8')).hexdigest()[:16]}"
 
-# %% ../nbs/08_rewards.ipynb #8e7e2c27
-@functools.lru_cache(maxsize=16)
-def _read_text(path:str) -> str:
+# %% ../nbs/08_rewards.ipynb #216b2c9a
+def data_cache_dir() -> Path:
+    "Where `datasets` keeps its Arrow copies of the task files (the user cache dir, next to the SLM cache)."
+    return Path(user_cache_dir('research_controller'))/'datasets'
+
+# %% ../nbs/08_rewards.ipynb #0aa84c11
+def _data_file(path:str|Path) -> Path:
+    "`path` of a data file, or an error that says where the data should come from."
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data file {path} is missing. The project's data/ directory ships it (see data/README.md); "
                                 "check paths.data_dir in the config.")
-    return p.read_text(encoding='utf-8')
+    return p
 
-def _jsonl(path:Path) -> list[dict]:
-    return [json.loads(l) for l in _read_text(str(path)).splitlines() if l.strip()]
+# %% ../nbs/08_rewards.ipynb #4492cc9e
+def _load_dataset(builder:str, # a `datasets` builder: 'json' or 'text'
+                  path:str|Path, # one local data file
+                  cache_dir:str|Path|None=None, # None = `data_cache_dir()`
+                  **kw, # builder options, e.g. `sample_by='document'`
+                 ):
+    "The `datasets.Dataset` of one local data file, built offline and cached as Arrow."
+    p = _data_file(path).resolve()
+    os.environ.setdefault('HF_DATASETS_OFFLINE', '1')  # read when `datasets` is first imported: never reach for the hub
+    import datasets
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try: return datasets.load_dataset(builder, data_files=str(p), split='train', cache_dir=str(cache_dir or data_cache_dir()), **kw)
+    finally:
+        if not quiet: datasets.enable_progress_bars()
+
+# %% ../nbs/08_rewards.ipynb #8e7e2c27
+@functools.lru_cache(maxsize=16)
+def _read_text(path:str) -> str:
+    "The whole text of a data file."
+    return _load_dataset('text', path, sample_by='document')[0]['text']
+
+@functools.lru_cache(maxsize=16)
+def _jsonl_rows(path:str) -> tuple: return tuple(_load_dataset('json', path).to_list())
+
+def _jsonl(path:str|Path) -> list[dict]:
+    "The rows of a JSONL data file, in file order (fresh dicts)."
+    return [dict(r) for r in _jsonl_rows(str(path))]
 
 # %% ../nbs/08_rewards.ipynb #67ae2ee7
 def cut_context(context:str, answer:str, max_chars:int) -> str:
@@ -522,10 +553,10 @@ def _rows(self:Judge, ids, mask, pos, kv=None):
 
 # %% ../nbs/08_rewards.ipynb #be3b1fb4
 @patch
-def _forward(self:Judge, seqs:list[list[int]]) -> np.ndarray:
-    "Probabilities of the rating tokens after each sequence: the shared prefix once, the rest batched and left-padded."
+def _forward(self:Judge, seqs:list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    "Rating-token probabilities after each sequence and the tokens forwarded for it (shared prefix once, the rest batched)."
     torch = self._torch
-    out = np.zeros((len(seqs), 5), dtype=np.float64)
+    out, tokens = np.zeros((len(seqs), 5), dtype=np.float64), np.zeros(len(seqs), dtype=np.int64)
     pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
     groups = collections.defaultdict(list)  # prefix index (-1: none) -> sequence indices
     for i, s in enumerate(seqs):
@@ -539,8 +570,11 @@ def _forward(self:Judge, seqs:list[list[int]]) -> np.ndarray:
                 if key not in _PREFIX_KV:
                     while len(_PREFIX_KV) >= 16: _PREFIX_KV.pop(next(iter(_PREFIX_KV)))
                     _PREFIX_KV[key] = self.model(input_ids=torch.tensor([self._shared_prefix(j)], device=self.model.device), use_cache=True).past_key_values
-                    self.stats['prefix_forwards'] += 1
+                    self.stats['prefix_forwards'] += 1; self.stats['prefix_tokens'] += P
+                    share, extra = divmod(P, len(members))  # computed in this call: its prompts share the prefix's tokens
+                    for r, i in enumerate(members): tokens[i] += share + (r < extra)
                 self._kv[j] = _PREFIX_KV[key]
+            for i in members: tokens[i] += len(seqs[i]) - P  # each prompt's own tokens (no padding)
             members = sorted(members, key=lambda i: len(seqs[i]))
             for b in range(0, len(members), self.batch_size):
                 idx = members[b:b + self.batch_size]; L = max(len(seqs[i]) for i in idx) - P
@@ -549,32 +583,40 @@ def _forward(self:Judge, seqs:list[list[int]]) -> np.ndarray:
                 for r, i in enumerate(idx):
                     suf = seqs[i][P:]; ids[r, L - len(suf):] = torch.tensor(suf); mask[r, P + L - len(suf):] = 1
                 pos = (mask.cumsum(-1) - 1)[:, P:].clamp(min=0)
+                self.stats['pad_tokens'] += int((mask[:, P:] == 0).sum())
                 out[idx] = self._rows(ids, mask, pos, self._kv[j] if P else None)
-    return out
+    self.stats['tokens'] += int(tokens.sum())
+    return out, tokens
 
 # %% ../nbs/08_rewards.ipynb #8eab7c57
 @patch
-def rating_probs(self:Judge, seqs:list[list[int]]) -> np.ndarray:
-    "Probabilities of '1'..'5' after each prompt (cached per model fingerprint and prompt)."
+def rating_probs(self:Judge, seqs:list[list[int]], # judge prompts (`prompt_ids`)
+                 return_tokens:bool=False, # also return the SLM tokens forwarded for each prompt
+                ) -> np.ndarray|tuple[np.ndarray, np.ndarray]:
+    "Probabilities of '1'..'5' after each prompt (cached per model fingerprint and prompt), and optionally the tokens forwarded."
     keys = [_key(self.fingerprint, s) for s in seqs]
     got = self.cache.get_many(list(set(keys))) if self.cache is not None else {}
     todo = sorted({k: i for i, k in enumerate(keys) if k not in got}.items(), key=lambda kv: kv[1])
     self.stats['cache_hits'] += sum(k in got for k in keys)
+    tokens = np.zeros(len(seqs), dtype=np.int64)  # a cache hit forwards nothing
     if todo:
-        p = self._forward([seqs[i] for _, i in todo])
+        p, t = self._forward([seqs[i] for _, i in todo])
+        tokens[[i for _, i in todo]] = t
         new = {k: p[j].tolist() for j, (k, _) in enumerate(todo)}
         if self.cache is not None: self.cache.put_many(new, self.fingerprint)
         got.update(new)
-    return np.array([got[k] for k in keys], dtype=np.float64)
+    probs = np.array([got[k] for k in keys], dtype=np.float64)
+    return (probs, tokens) if return_tokens else probs
 
 # %% ../nbs/08_rewards.ipynb #c60394da
 @dataclass
 class JudgeScore:
-    "Coherence of one answer: mean over paraphrases, their variance and the expected ratings."
+    "Coherence of one answer: mean over paraphrases, their variance, the expected ratings and the tokens it cost."
     score: float                # (mean expected rating - 1) / 4, in [0, 1]
     var: float                  # variance of the per-paraphrase scores
     ratings: list               # expected rating (1-5) under each paraphrase
     digit_mass: float           # mean probability on the tokens '1'..'5'
+    tokens: int = 0             # SLM tokens the judge forwarded for this score (0: cache hit or empty answer)
 
 # %% ../nbs/08_rewards.ipynb #ae3f3485
 @patch
@@ -585,13 +627,13 @@ def score(self:Judge, answers:list[str], requests:list[str|None]|None=None) -> l
     k = len(self.templates)
     live = [i for i, a in enumerate(answers) if a and a.strip()]
     seqs = [self.prompt_ids(requests[i], answers[i], j) for i in live for j in range(k)]
-    p = self.rating_probs(seqs) if seqs else np.zeros((0, 5))
+    p, t = self.rating_probs(seqs, return_tokens=True) if seqs else (np.zeros((0, 5)), np.zeros(0, dtype=np.int64))
     out = [JudgeScore(0.0, 0.0, [1.0] * k, 0.0) for _ in answers]
     for n, i in enumerate(live):
         pi = p[n * k:(n + 1) * k]; mass = pi.sum(1)
         r = (pi / np.maximum(mass, 1e-30)[:, None]) @ np.arange(1, 6)
         s = (r - 1) / 4
-        out[i] = JudgeScore(float(s.mean()), float(s.var()), [round(float(x), 4) for x in r], float(mass.mean()))
+        out[i] = JudgeScore(float(s.mean()), float(s.var()), [round(float(x), 4) for x in r], float(mass.mean()), int(t[n * k:(n + 1) * k].sum()))
     return out
 
 # %% ../nbs/08_rewards.ipynb #f04c6316
@@ -644,21 +686,34 @@ def nq_em(pred:str, refs:list[str]) -> float:
     "NQ-Open exact match after SQuAD normalisation, max over answers."
     return squad_em(pred, refs)
 
+# %% ../nbs/08_rewards.ipynb #2555e762
+def nq_f1(pred:str, refs:list[str]) -> float:
+    "NQ-Open token F1 (SQuAD's), max over answers."
+    return squad_f1(pred, refs)
+
+# %% ../nbs/08_rewards.ipynb #976f2fdd
+def continuation_overlap(pred:str, ref:str) -> float:
+    "WikiText overlap: SQuAD token F1 between a continuation and the true continuation."
+    return _f1(pred, ref)
+
 # %% ../nbs/08_rewards.ipynb #93fa2cf1
-TASK_PRIMARY = dict(squad='f1', gsm8k='acc', nq_open='em')
+TASK_PRIMARY = dict(squad='f1', gsm8k='acc', nq_open='em')  # the reward's task term (WikiText has none)
 
 def task_score(item:dict, # a task item (`task`, `references`)
-               text:str, # the answer
+               text:str, # the answer (or continuation)
               ) -> dict[str, float]:
-    "Task metrics of `text` for `item`: squad {em, f1}, gsm8k {acc}, nq_open {em}, wikitext {}."
+    "Task metrics of `text` for `item`: squad {em, f1}, gsm8k {acc}, nq_open {em, f1}, wikitext {overlap}."
     task = item.get('task') if isinstance(item, dict) else None
     if task not in TASKS: raise ValueError(f"item['task'] is {task!r}; a task item needs one of {list(TASKS)} (see load_task_items).")
-    if task == 'wikitext': return {}
     refs = item.get('references') or []
     if not refs: raise ValueError(f"item {item.get('id')!r} has no references; item['references'] must list the gold answers.")
     if task == 'squad': return dict(em=squad_em(text, refs), f1=squad_f1(text, refs))
     if task == 'gsm8k': return dict(acc=gsm8k_acc(text, refs))
-    return dict(em=nq_em(text, refs))
+    if task == 'nq_open': return dict(em=nq_em(text, refs), f1=nq_f1(text, refs))
+    return dict(overlap=continuation_overlap(text, refs[0]))
+
+# %% ../nbs/08_rewards.ipynb #14f45a6e
+TASK_METRIC = dict(squad='f1', gsm8k='acc', nq_open='em', wikitext='overlap')  # the one task score per item (evaluation, promotion)
 
 # %% ../nbs/08_rewards.ipynb #00631138
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
@@ -733,7 +788,7 @@ class CoherenceTerm(RewardTerm):
         return self._judge
     def batch(self, ctxs:list[RewardContext]) -> list[float]:
         js = self.judge.score([c.text for c in ctxs], [(c.item or {}).get('prompt') for c in ctxs])
-        for c, j in zip(ctxs, js): c.info.update(coherence_var=j.var, judge_ratings=j.ratings, judge_digit_mass=j.digit_mass)
+        for c, j in zip(ctxs, js): c.info.update(coherence_var=j.var, judge_ratings=j.ratings, judge_digit_mass=j.digit_mass, judge_tokens=j.tokens)
         return [j.score for j in js]
     def __call__(self, ctx:RewardContext) -> float: return self.batch([ctx])[0]
 
@@ -865,7 +920,17 @@ def _run(self:RewardCalculator, texts, items, n_tokens, unclosed) -> list[Reward
     return out
 
 # %% ../nbs/08_rewards.ipynb #57292e73
+@patch(as_prop=True)
+def flu(self:RewardCalculator) -> Fluency:
+    "The KenLM fluency scorer: the fluency term's, else one built from `rewards.kenlm_path`."
+    if getattr(self, '_flu', None) is None:
+        self._flu = next((t.flu for t in self.terms if isinstance(t, FluencyTerm)), None) or Fluency(self.cfg)
+    return self._flu
+
 @patch
 def task_metrics(self:RewardCalculator, text:str, item:dict|None) -> dict[str, float]:
-    "Task metrics for evaluation: squad {em, f1}, gsm8k {acc}, nq_open {em}, wikitext or no item {}."
-    return task_score(item, text) if item else {}
+    "Task metrics for evaluation: `task_score`, plus `fluency` for wikitext; {} without an item."
+    if not item: return {}
+    m = task_score(item, text)
+    if item.get('task') == 'wikitext': m['fluency'] = self.flu(text)
+    return m
