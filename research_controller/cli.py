@@ -10,13 +10,13 @@ import argparse, contextlib, getpass, io, json, logging, math, os, sys, textwrap
 from enum import IntEnum
 from pathlib import Path
 from typing import Callable, Collection, Sequence
-from .config import Config, ConfigError, load_config, run_path
+from .config import Config, ConfigError, load_config, replace_config, run_path
 from .registry import ControllerRegistry, RegistryError, version_name
 
 # %% auto #0
 __all__ = ['EXIT_CODES', 'log', 'LOG_LEVELS', 'COMMANDS', 'CYCLE_EXIT', 'ExitCode', 'exit_code_table', 'CLIError', 'command',
-           'slm_commands', 'build_parser', 'trace_rows', 'run_generate', 'cycle_exit_code', 'version_rows',
-           'other_rc_processes', 'cores_busy', 'main', 'run_main']
+           'slm_commands', 'build_parser', 'trace_rows', 'run_generate', 'cycle_exit_code', 'parse_budgets',
+           'with_eval_flags', 'version_rows', 'other_rc_processes', 'cores_busy', 'main', 'run_main']
 
 # %% ../nbs/17_cli.ipynb #3a7c935e
 class ExitCode(IntEnum):
@@ -163,6 +163,24 @@ def cycle_exit_code(status:str) -> ExitCode:
     "The exit code of `rc cycle` for a cycle report's `status` (an unknown status counts as a failure)."
     return CYCLE_EXIT.get(status, ExitCode.FAILED)
 
+# %% ../nbs/17_cli.ipynb #67547366
+def parse_budgets(text:str) -> list:
+    "Token budgets from `--budgets 16,32,64`; a one-line `CLIError` when they are not integers."
+    try: out = [int(x) for x in text.split(',')]
+    except ValueError: out = []
+    if not out: raise CLIError(f"--budgets takes comma-separated token counts, e.g. --budgets 16,32,64,128; got {text!r}.")
+    return out
+
+# %% ../nbs/17_cli.ipynb #b5db4193
+def with_eval_flags(cfg:Config, ns) -> Config:
+    "`cfg` with `--suite` (evaluate.suite; evaluate.suite_path cleared) and `--budgets` (evaluate.budgets) applied and validated."
+    o = {}
+    if getattr(ns, 'suite', None) is not None: o.update({'evaluate.suite': ns.suite, 'evaluate.suite_path': None})
+    if getattr(ns, 'budgets', None): o['evaluate.budgets'] = parse_budgets(ns.budgets)
+    if not o: return cfg
+    try: return replace_config(cfg, o)
+    except ConfigError as e: raise CLIError(f"{'--budgets' if 'evaluate.budgets' in str(e) else '--suite'}: {e}") from None
+
 # %% ../nbs/17_cli.ipynb #de7e79f9
 def _show(obj):
     "Print a result object: dataclass fields as `key: value` lines, or its repr."
@@ -209,24 +227,33 @@ def _cmd_train(ns, cfg):
 
 def _evaluate_args(p):
     p.add_argument('--controller', action='append', default=None, metavar='NAME',
-                   help="controller(s) to evaluate: baseline names, vN or active (repeatable; default: the evaluate config)")
+                   help="controller(s) to evaluate: baseline names, vN or active (repeatable; default: every baseline, plus the active version if any)")
     p.add_argument('--compare', action='store_true', help="compare the controllers pairwise at equal budget and write compare.md and plots")
-    p.add_argument('--out-dir', default=None, metavar='PATH', help="where results go (default runs/<evaluate.out_dir>)")
+    p.add_argument('--suite', default=None, metavar='NAME', help="benchmark suite: default | research (overrides evaluate.suite; clears evaluate.suite_path)")
+    p.add_argument('--budgets', nargs='?', const='', default=None, metavar='B1,B2,...',
+                   help="budget sweep: every controller at each token budget, e.g. 16,32,64,128 (overrides evaluate.budgets; alone: "
+                        "the configured ones); resumable; writes budgets.md and budget-curve PNGs next to compare.md")
+    p.add_argument('--out-dir', default=None, metavar='PATH', help="where results go (default runs/<evaluate.out_dir>/<suite>)")
     p.add_argument('--no-progress', action='store_true', help="no progress bar")
 
-@command('evaluate', "run controllers on the fixed benchmark suite at equal token budget", _evaluate_args, loads='slm')
+@command('evaluate', "run controllers on the fixed benchmark suite at equal token budget, or across budgets (--budgets)", _evaluate_args, loads='slm')
 def _cmd_evaluate(ns, cfg):
+    cfg = with_eval_flags(cfg, ns)
+    kw = {k: v for k, v in dict(controllers=ns.controller, out_dir=ns.out_dir, progress=not ns.no_progress).items() if v is not None}
+    if ns.budgets is not None:
+        from research_controller.evaluate import run_budgets
+        _show(run_budgets(cfg, **kw)); return 0
     from research_controller.evaluate import run_compare
-    kw = dict(controllers=ns.controller, compare=ns.compare, out_dir=ns.out_dir, progress=not ns.no_progress)
-    _show(run_compare(cfg, **{k: v for k, v in kw.items() if v is not None})); return 0
+    _show(run_compare(cfg, compare=ns.compare, **kw)); return 0
 
 def _cycle_args(p):
     p.add_argument('--dry-run', action='store_true', help="decide but do not promote")
+    p.add_argument('--suite', default=None, metavar='NAME', help="benchmark suite the challenger is judged on: default | research (overrides evaluate.suite)")
 
 @command('cycle', "one online-learning cycle: self-play, train a challenger, benchmark it, promote it if it wins", _cycle_args, loads='slm')
 def _cmd_cycle(ns, cfg):
     from research_controller.promotion import cycle
-    out = cycle(cfg, dry_run=ns.dry_run); _show(out)
+    out = cycle(with_eval_flags(cfg, ns), dry_run=ns.dry_run); _show(out)
     rep, code = out.report, cycle_exit_code(out.report.status)
     if rep.status == 'skipped': _note(ns, 'skipped', ' '.join(rep.decision.get('reasons') or ['skipped']).removeprefix('SKIP '))
     elif code != ExitCode.OK: _note(ns, 'error', rep.error or f"the cycle ended with status {rep.status!r}")

@@ -1,4 +1,4 @@
-"""A fixed, versioned benchmark suite; any controller run on it at equal token budget; paired statistics, tables and plots.
+"""Fixed, hashed benchmark suites; any controller run on them at equal token budget, or across budgets; task scores first, paired statistics with minimum detectable effects, tables and plots.
 
 Docs: https://research-controller.github.io/research_controller/evaluate.html.md"""
 
@@ -10,24 +10,29 @@ import hashlib, inspect, json, math, time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Callable, Iterable, Optional
 import numpy as np
 from fastcore.basics import patch_to
 from tqdm.auto import tqdm
 from .config import (Config, EvaluateConfig, _jsonable, atomic_write, atomic_write_json, atomic_write_text, config_hash,
-                                        data_path, load_config, run_path, sha256_file)
+                                        config_to_dict, data_path, load_config, run_path, sha256_file)
 from .engine import get_engine
-from .rewards import RewardCalculator, load_task_items, task_score
+from .rewards import TASK_METRIC, RewardCalculator, load_task_items, task_score
 from .controllers import resolve_controller
 
 # %% auto #0
-__all__ = ['TASKS', 'ITEM_KEYS', 'EVAL_FILES', 'BASELINE_ORDER', 'sha256_json', 'SuiteError', 'check_item', 'Suite', 'load_suite',
-           'suite_sources', 'build_default_suite', 'get_suite', 'item_seed', 'ItemRecord', 'SuiteResult',
-           'generate_item', 'score_item', 'run_item', 'run_suite', 'bootstrap_means', 'bootstrap_ci', 'PairedStat',
-           'wilcoxon_p', 'sign_test_p', 'paired_test', 'adjust_pvalues', 'Comparison', 'check_pair', 'compare',
-           'compare_table', 'plot_metric_bars', 'plot_reward_terms', 'plot_tokens_vs_score', 'save_plots',
-           'write_comparison', 'default_engine', 'default_rewards', 'metrics_fn_for', 'as_controllers',
-           'evaluate_controllers', 'default_controller_names', 'CompareRun', 'run_compare']
+__all__ = ['TASKS', 'ITEM_KEYS', 'EVAL_FILES', 'SUITE_SPECS', 'MDE_POWER', 'METRIC_ORDER', 'JUDGE_TERM', 'BASELINE_ORDER',
+           'GENERATION_SECTIONS', 'sha256_json', 'SuiteError', 'check_item', 'Suite', 'load_suite', 'suite_sources',
+           'suite_spec', 'draw_items', 'build_default_suite', 'build_suite', 'get_suite', 'item_seed', 'ItemRecord',
+           'SuiteResult', 'generate_item', 'generate_batch_items', 'batchable', 'batch_order', 'generate_items',
+           'score_item', 'run_item', 'run_suite', 'bootstrap_means', 'bootstrap_ci', 'mde', 'PairedStat', 'wilcoxon_p',
+           'sign_test_p', 'paired_test', 'adjust_pvalues', 'Comparison', 'check_pair', 'compare', 'table_metrics',
+           'spearman', 'judge_agreement', 'agreement_table', 'compare_table', 'plot_metric_bars', 'plot_reward_terms',
+           'plot_tokens_vs_score', 'save_plots', 'write_comparison', 'default_engine', 'default_rewards',
+           'metrics_fn_for', 'as_controllers', 'evaluate_controllers', 'default_controller_names', 'CompareRun',
+           'run_compare', 'generation_hash', 'budget_result_path', 'load_done', 'evaluate_budgets',
+           'plot_budget_curves', 'budget_summary', 'write_budget_report', 'run_budgets']
 
 # %% ../nbs/13_evaluate.ipynb #15e7c3f0
 def sha256_json(obj) -> str:
@@ -140,29 +145,64 @@ def suite_sources(cfg:Config, tasks:Iterable[str]) -> list:
     return out
 
 # %% ../nbs/13_evaluate.ipynb #5f2618af
+SUITE_SPECS = {'research': {'squad': 200, 'wikitext': 80, 'nq_open': 60, 'gsm8k': 40}}  # evaluate.suite=research: the powered suite
+
+def suite_spec(cfg:Config, name:str='default') -> dict:
+    "Items per task of the built-in suite `name`: 'default' = `evaluate.per_task` of each of `evaluate.tasks`, else `SUITE_SPECS[name]`."
+    if name == 'default':
+        bad = [t for t in cfg.evaluate.tasks if t not in TASKS]
+        if bad: raise SuiteError(f"evaluate.tasks has unknown task(s) {bad}; use some of {list(TASKS)}.")
+        return {t: cfg.evaluate.per_task for t in cfg.evaluate.tasks}
+    if name not in SUITE_SPECS:
+        raise SuiteError(f"unknown suite {name!r}; the built-in suites are {['default', *SUITE_SPECS]} (or set evaluate.suite_path to a saved suite file).")
+    return dict(SUITE_SPECS[name])
+
+# %% ../nbs/13_evaluate.ipynb #3ad29b37
+def draw_items(cfg:Config, # uses cfg.evaluate.seed (the sample seed)
+               spec:dict, # {task: items}, in suite order
+               loader:Callable|None=None, # `load_task_items(cfg, task, split, n, seed)`; None = research_controller.rewards'
+               exact:bool=True, # refuse a task with fewer eval items than asked (False: take what it has)
+              ) -> list:
+    "Seeded eval-split items: `spec[task]` of each task, checked."
+    bad = [t for t in spec if t not in TASKS]
+    if bad: raise SuiteError(f"unknown task(s) {bad}; use some of {list(TASKS)}.")
+    loader, items = loader or load_task_items, []
+    for t, n in spec.items():
+        got = list(loader(cfg, t, split='eval', n=n, seed=cfg.evaluate.seed))
+        if not got: raise SuiteError(f"the loader returned no eval items for task {t!r}; check the data under {str(data_path(cfg))!r}.")
+        if exact and len(got) < n:
+            raise SuiteError(f"{n} eval items of task {t!r} are needed but the loader gave {len(got)}; check the data under {str(data_path(cfg))!r}.")
+        items += [check_item(dict(it), f"{t} eval item {i}") for i, it in enumerate(got)]
+    return items
+
+# %% ../nbs/13_evaluate.ipynb #e238a98e
 def build_default_suite(cfg:Config, # uses cfg.evaluate.{tasks, per_task, seed, token_budget}
                         name:str='default', # suite name
                         version:int=1, # suite version
                         loader:Callable|None=None, # `load_task_items(cfg, task, split, n, seed)`; None = research_controller.rewards'
                        ) -> Suite:
     "Build the default benchmark suite from the eval split of the project's data."
-    ec = cfg.evaluate
-    bad = [t for t in ec.tasks if t not in TASKS]
-    if bad: raise SuiteError(f"evaluate.tasks has unknown task(s) {bad}; use some of {list(TASKS)}.")
-    loader = loader or load_task_items
-    items = []
-    for t in ec.tasks:
-        got = list(loader(cfg, t, split='eval', n=ec.per_task, seed=ec.seed))
-        if not got: raise SuiteError(f"the loader returned no eval items for task {t!r}; check the data under {str(data_path(cfg))!r}.")
-        items += [check_item(dict(it), f"{t} eval item {i}") for i, it in enumerate(got)]
-    return Suite(name, items, version=version, seed=ec.seed, token_budget=ec.token_budget,
-                 created_from=suite_sources(cfg, ec.tasks))
+    ec, spec = cfg.evaluate, suite_spec(cfg, 'default')
+    return Suite(name, draw_items(cfg, spec, loader, exact=False), version=version, seed=ec.seed, token_budget=ec.token_budget,
+                 created_from=suite_sources(cfg, spec))
+
+# %% ../nbs/13_evaluate.ipynb #16c57973
+def build_suite(cfg:Config, # uses cfg.evaluate.{seed, token_budget} (and tasks, per_task for 'default')
+                name:str='default', # a built-in suite: 'default' or a key of `SUITE_SPECS` ('research')
+                version:int=1, # suite version
+                loader:Callable|None=None, # `load_task_items(cfg, task, split, n, seed)`; None = research_controller.rewards'
+               ) -> Suite:
+    "Build the built-in suite `name` from the eval split (`suite_spec` items of each task)."
+    if name == 'default': return build_default_suite(cfg, version=version, loader=loader)
+    ec, spec = cfg.evaluate, suite_spec(cfg, name)
+    return Suite(name, draw_items(cfg, spec, loader), version=version, seed=ec.seed, token_budget=ec.token_budget,
+                 created_from=suite_sources(cfg, spec))
 
 # %% ../nbs/13_evaluate.ipynb #7816935c
 def get_suite(cfg:Config, loader:Callable|None=None) -> Suite:
-    "The configured suite: `evaluate.suite_path` if set, else the default suite."
+    "The configured suite: `evaluate.suite_path` if set, else the built-in suite `evaluate.suite`."
     if cfg.evaluate.suite_path: return load_suite(cfg.evaluate.suite_path)
-    return build_default_suite(cfg, loader=loader)
+    return build_suite(cfg, cfg.evaluate.suite, loader=loader)
 
 # %% ../nbs/13_evaluate.ipynb #c78adf76
 def item_seed(suite_seed:int, item_id:str) -> int:
@@ -188,7 +228,8 @@ class ItemRecord:
     actions: dict = field(default_factory=dict)  # macro-action counts from the trace
 
     def value(self, metric:str) -> float:
-        "One number of this record: 'reward', 'tokens', 'latency_ms', 'error', 'term.<name>' or a task metric."
+        "One number: 'task' (the item's `TASK_METRIC` score), 'reward', 'tokens', 'latency_ms', 'error', 'term.<name>' or a task metric."
+        if metric == 'task': metric = TASK_METRIC.get(self.task, 'task')
         if metric == 'reward': return self.reward
         if metric in ('tokens', 'latency_ms'): return float(getattr(self, metric))
         if metric == 'error': return float(self.error is not None)
@@ -231,7 +272,7 @@ class SuiteResult:
 def _agg(res:SuiteResult, recs:list) -> dict:
     sub = SuiteResult(res.controller, res.version, res.suite, res.suite_hash, res.token_budget, recs)
     out = {'n': len(recs)}
-    for m in ['reward', *res.metric_names(), *[f"term.{t}" for t in res.term_names()], 'tokens', 'latency_ms']:
+    for m in ['task', *res.metric_names(), 'reward', *[f"term.{t}" for t in res.term_names()], 'tokens', 'latency_ms']:
         v = sub.mean(m)
         if not math.isnan(v): out[m] = v
     out['error_rate'] = sub.error_rate
@@ -240,7 +281,7 @@ def _agg(res:SuiteResult, recs:list) -> dict:
 
 @patch_to(SuiteResult)
 def summary(self) -> dict:
-    "Means overall and per task: reward, task metrics, reward terms, tokens, latency, error and over-budget rates."
+    "Means overall and per task: task score, task metrics, reward, reward terms, tokens, latency, error and over-budget rates."
     tasks = sorted({r.task for r in self.records})
     return {'controller': self.controller, 'version': self.version, 'suite': self.suite, 'suite_hash': self.suite_hash,
             'token_budget': self.token_budget, 'overall': _agg(self, self.records),
@@ -286,23 +327,81 @@ def _count_actions(trace) -> dict:
         if a is not None: c[getattr(a, 'name', str(a))] += 1
     return dict(sorted(c.items()))
 
+def _accepts(fn, name:str) -> bool:
+    "Whether callable `fn` takes a keyword argument `name`."
+    try: ps = inspect.signature(fn).parameters
+    except (TypeError, ValueError): return False
+    return name in ps or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values())
+
 def _takes_item(controller) -> bool:
     "Whether `controller.generate` accepts the task item (e.g. best-of-N scoring candidates by reward)."
-    try: ps = inspect.signature(controller.generate).parameters
-    except (TypeError, ValueError): return False
-    return 'item' in ps or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values())
+    return _accepts(controller.generate, 'item')
+
+def _gen_out(res, latency_ms:float) -> dict:
+    "What a record keeps of a `GenerationResult`: text, tokens, unclosed flag, action counts, no error, latency."
+    return dict(text=res.text, tokens=int(res.tokens), unclosed=bool((getattr(res, 'meta', None) or {}).get('unclosed_thought', False)),
+                actions=_count_actions(getattr(res, 'macro_trace', None)), error=None, latency_ms=latency_ms)
 
 def generate_item(controller, item:dict, engine, token_budget:int, seed:int=0) -> dict:
     "Run the controller on one item: text, tokens, unclosed flag, action counts, latency and the error, if any."
-    out = dict(text='', tokens=0, unclosed=False, actions={}, error=None)
     kw = {'item': item} if _takes_item(controller) else {}
     t0 = time.perf_counter()
     try:
         res = controller.generate(engine, item['prompt'], max_new_tokens=token_budget, seed=seed, include_thoughts=False, **kw)
-        out.update(text=res.text, tokens=int(res.tokens), actions=_count_actions(getattr(res, 'macro_trace', None)),
-                   unclosed=bool((getattr(res, 'meta', None) or {}).get('unclosed_thought', False)))
-    except Exception as e: out['error'] = f"{type(e).__name__}: {e}"
-    out['latency_ms'] = (time.perf_counter() - t0) * 1000
+        return _gen_out(res, (time.perf_counter() - t0) * 1000)
+    except Exception as e:
+        return dict(text='', tokens=0, unclosed=False, actions={}, error=f"{type(e).__name__}: {e}", latency_ms=(time.perf_counter() - t0) * 1000)
+
+# %% ../nbs/13_evaluate.ipynb #1c1c8877
+def generate_batch_items(controller, # has `.generate_batch(engine, prompts, max_new_tokens, seeds, include_thoughts=False, items=None)`
+                         items:list, engine, token_budget:int,
+                         seeds:list, # one generation seed per item
+                        ) -> list:
+    "Generate `items` together through `controller.generate_batch`; if the batch raises, each item alone (`generate_item`)."
+    fn = controller.generate_batch
+    kw = {'items': list(items)} if _accepts(fn, 'items') else {}
+    t0 = time.perf_counter()
+    try:
+        res = list(fn(engine, [it['prompt'] for it in items], max_new_tokens=token_budget, seeds=list(seeds), include_thoughts=False, **kw))
+        if len(res) != len(items): raise ValueError(f"generate_batch returned {len(res)} results for {len(items)} prompts")
+        ms = (time.perf_counter() - t0) * 1000 / len(items)
+        return [_gen_out(r, ms) for r in res]
+    except Exception: return [generate_item(controller, it, engine, token_budget, sd) for it, sd in zip(items, seeds)]
+
+# %% ../nbs/13_evaluate.ipynb #31b3a967
+def _owner(cls, attr:str):
+    return next((k for k in cls.__mro__ if attr in vars(k)), None)
+
+def batchable(controller) -> bool:
+    "Whether `controller.generate_batch` exists and is defined no higher in its class hierarchy than its `generate`."
+    if not callable(getattr(controller, 'generate_batch', None)): return False
+    gb, g = _owner(type(controller), 'generate_batch'), _owner(type(controller), 'generate')
+    return gb is None or g is None or issubclass(gb, g)
+
+# %% ../nbs/13_evaluate.ipynb #eded5ed9
+def batch_order(items:list) -> list:
+    "Indices of `items` by prompt length (characters), ties in their order: batches of similar length pad little."
+    return sorted(range(len(items)), key=lambda i: len(items[i]['prompt']))
+
+# %% ../nbs/13_evaluate.ipynb #62dc2789
+def generate_items(controller, items:list, engine, token_budget:int,
+                   seeds:list, # one generation seed per item
+                   batch_items:int=8, # items per `generate_batch` call; 1 = one `generate` per item
+                   on_item:Callable|None=None, # called with each generation as it is done
+                   progress:bool=False, desc:str='generate') -> list:
+    "Generations of every item (in their order): batches of `batch_items` of similar length through `generate_batch` where the controller is `batchable`, else one by one."
+    if isinstance(batch_items, bool) or not isinstance(batch_items, (int, np.integer)) or batch_items < 1:
+        raise ValueError(f"batch_items must be a positive integer, got {batch_items!r}; set evaluate.batch_items.")
+    step = int(batch_items) if batch_items > 1 and batchable(controller) else 1
+    order, out = (batch_order(items) if step > 1 else list(range(len(items)))), [None] * len(items)
+    with tqdm(total=len(items), desc=desc, unit='item', disable=not progress, leave=False) as bar:
+        for i in range(0, len(items), step):
+            idx = order[i:i + step]
+            its, sds = [items[j] for j in idx], [seeds[j] for j in idx]
+            gens = generate_batch_items(controller, its, engine, token_budget, sds) if step > 1 else [generate_item(controller, its[0], engine, token_budget, sds[0])]
+            for j, g in zip(idx, gens):
+                out[j] = g; bar.update(1)
+                if on_item is not None: on_item(g)
     return out
 
 # %% ../nbs/13_evaluate.ipynb #8debb00b
@@ -345,15 +444,15 @@ def run_suite(controller, # anything with `.name` and `.generate(engine, prompt,
               progress:bool=True,
               metrics_fn:Callable|None=None, # (text, item) -> task metrics; None = `rewards.task_metrics`
               on_item:Callable|None=None, # called with each generation as it is done (e.g. to advance an outer progress bar)
+              batch_items:int|None=None, # items generated together (`generate_items`); None = engine.cfg.evaluate.batch_items, else 8
              ) -> SuiteResult:
     "Run `controller` on every item of `suite` at equal token budget and record metrics, rewards, tokens, latency, errors."
     budget = token_budget or suite.token_budget
     version = version if version is not None else getattr(controller, 'version', None)
     name = getattr(controller, 'name', type(controller).__name__)
-    gens, seeds = [], [item_seed(suite.seed, it['id']) for it in suite.items]
-    for it, sd in zip(tqdm(suite.items, desc=f"eval {name}", disable=not progress, leave=False), seeds):
-        gens.append(generate_item(controller, it, engine, budget, sd))
-        if on_item is not None: on_item(gens[-1])
+    if batch_items is None: batch_items = getattr(getattr(getattr(engine, 'cfg', None), 'evaluate', None), 'batch_items', EvaluateConfig().batch_items)
+    seeds = [item_seed(suite.seed, it['id']) for it in suite.items]
+    gens = generate_items(controller, suite.items, engine, budget, seeds, batch_items, on_item, progress, f"eval {name}")
     rbs = _batch_scores(rewards, gens, suite.items)
     recs = [_record(controller, version, it, g, score_item(g, it, rewards, metrics_fn, rb), sd)
             for it, g, rb, sd in zip(suite.items, gens, rbs, seeds)]
@@ -377,6 +476,19 @@ def bootstrap_ci(x, n_boot:int=2000, alpha:float=0.05, seed:int=0) -> tuple:
     lo, hi = np.quantile(bootstrap_means(x, n_boot, seed), [alpha / 2, 1 - alpha / 2])
     return (float(lo), float(hi))
 
+# %% ../nbs/13_evaluate.ipynb #47d6d060
+MDE_POWER = 0.8  # the power at which every comparison reports its minimum detectable effect
+
+def mde(d, # paired differences b - a (NaNs dropped)
+        alpha:float=0.05, # two-sided significance level
+        power:float=MDE_POWER, # probability of detecting an effect of this size
+       ) -> float:
+    "Minimum detectable effect of a paired comparison: (z_{1-alpha/2} + z_power) * sd(d) / sqrt(n); NaN below 2 pairs."
+    d = np.asarray(d, float); d = d[~np.isnan(d)]
+    if len(d) < 2: return math.nan
+    z = NormalDist().inv_cdf
+    return float((z(1 - alpha / 2) + z(power)) * d.std(ddof=1) / math.sqrt(len(d)))
+
 # %% ../nbs/13_evaluate.ipynb #0a91f17f
 @dataclass
 class PairedStat:
@@ -395,13 +507,14 @@ class PairedStat:
     test: str = 'wilcoxon'  # which p is corrected: 'wilcoxon' or 'sign'
     p_adj: float = math.nan  # corrected p of `test` across the compared metrics
     alpha: float = 0.05
+    mde: float = math.nan  # minimum detectable effect of `diff` at this n (alpha two-sided, power MDE_POWER)
     @property
     def p(self) -> float: return self.p_wilcoxon if self.test == 'wilcoxon' else self.p_sign
     @property
     def significant(self) -> bool: return bool((self.p_adj if not math.isnan(self.p_adj) else self.p) < self.alpha)
     def __repr__(self):
         return (f"{self.metric}: {self.mean_b:.3f} vs {self.mean_a:.3f}, diff {self.diff:+.3f} "
-                f"[{self.ci_lo:+.3f}, {self.ci_hi:+.3f}], n={self.n} (+{self.n_pos}/-{self.n_neg}), "
+                f"[{self.ci_lo:+.3f}, {self.ci_hi:+.3f}], MDE {self.mde:.3f}, n={self.n} (+{self.n_pos}/-{self.n_neg}), "
                 f"p_wilcoxon={self.p_wilcoxon:.3g} p_sign={self.p_sign:.3g} p_adj={self.p_adj:.3g}")
 
 # %% ../nbs/13_evaluate.ipynb #cabf8770
@@ -422,7 +535,7 @@ def sign_test_p(n_pos:int, n_neg:int) -> float:
 # %% ../nbs/13_evaluate.ipynb #57353282
 def paired_test(a, b, metric:str='reward', n_boot:int=2000, alpha:float=0.05, seed:int=0, test:str='wilcoxon',
                 tol:float=1e-12) -> PairedStat:
-    "Paired bootstrap CI of mean(b - a), Wilcoxon signed-rank and sign test; pairs with a NaN are dropped."
+    "Paired bootstrap CI of mean(b - a), its minimum detectable effect, Wilcoxon signed-rank and sign test; pairs with a NaN are dropped."
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.shape != b.shape: raise ValueError(f"paired_test needs equally long a and b, got {a.shape} and {b.shape}.")
     if test not in ('wilcoxon', 'sign'): raise ValueError(f"test must be 'wilcoxon' or 'sign', got {test!r}.")
@@ -435,7 +548,7 @@ def paired_test(a, b, metric:str='reward', n_boot:int=2000, alpha:float=0.05, se
     p_w = wilcoxon_p(d)
     p_s = sign_test_p(n_pos, n_neg)
     return PairedStat(metric, len(d), float(a.mean()), float(b.mean()), float(d.mean()), float(lo), float(hi),
-                      p_w, p_s, n_pos, n_neg, test, math.nan, alpha)
+                      p_w, p_s, n_pos, n_neg, test, math.nan, alpha, mde(d, alpha))
 
 # %% ../nbs/13_evaluate.ipynb #dea7abde
 def adjust_pvalues(ps, method:str='holm') -> np.ndarray:
@@ -468,10 +581,10 @@ class Comparison:
     def table(self) -> str:
         "Markdown table of the comparison."
         lvl = f"{1 - self.alpha:.0%}"
-        rows = [f"| metric | n | {self.a} | {self.b} | diff [{lvl} CI] | p Wilcoxon | p sign | p {self.test} ({self.correction}) | sig. |",
-                "|---|---:|---:|---:|---|---:|---:|---:|:-:|"]
+        rows = [f"| metric | n | {self.a} | {self.b} | diff [{lvl} CI] | MDE | p Wilcoxon | p sign | p {self.test} ({self.correction}) | sig. |",
+                "|---|---:|---:|---:|---|---:|---:|---:|---:|:-:|"]
         for m, s in self.stats.items():
-            rows.append(f"| {m} | {s.n} | {s.mean_a:.3f} | {s.mean_b:.3f} | {s.diff:+.3f} [{s.ci_lo:+.3f}, {s.ci_hi:+.3f}] | "
+            rows.append(f"| {m} | {s.n} | {s.mean_a:.3f} | {s.mean_b:.3f} | {s.diff:+.3f} [{s.ci_lo:+.3f}, {s.ci_hi:+.3f}] | {s.mde:.3f} | "
                         f"{s.p_wilcoxon:.3g} | {s.p_sign:.3g} | {s.p_adj:.3g} | {'yes' if s.significant else 'no'} |")
         return '\n'.join(rows)
     def _repr_markdown_(self): return self.table()
@@ -508,25 +621,92 @@ def compare(result_a:SuiteResult, # the reference (champion / baseline)
     for s, p in zip(st.values(), adjust_pvalues([s.p for s in st.values()], ec.correction)): s.p_adj = float(p)
     return Comparison(result_a.label, result_b.label, result_a.suite, result_a.suite_hash, st, ec.correction, alpha, ec.test)
 
+# %% ../nbs/13_evaluate.ipynb #c3a73ee8
+METRIC_ORDER = ('f1', 'em', 'acc', 'overlap', 'fluency')  # task metrics in table order (any other follows, sorted)
+
+def table_metrics(results:list) -> list:
+    "The metrics a table shows: the per-item task score, the task metrics every result has, then the composite reward."
+    have = set.intersection(*[set(r.metric_names()) for r in results])
+    return ['task', *[m for m in METRIC_ORDER if m in have], *sorted(have - set(METRIC_ORDER)), 'reward']
+
+# %% ../nbs/13_evaluate.ipynb #90ed8b3a
+JUDGE_TERM = 'coherence'  # the reward term of the G-Eval judge (`research_controller.rewards.CoherenceTerm`)
+
+def spearman(x, y) -> np.ndarray:
+    "Spearman rank correlation of `x` and `y` along the last axis (average ranks for ties; NaN where either is constant)."
+    from scipy.stats import rankdata
+    rx, ry = rankdata(np.asarray(x, float), axis=-1), rankdata(np.asarray(y, float), axis=-1)
+    rx, ry = rx - rx.mean(-1, keepdims=True), ry - ry.mean(-1, keepdims=True)
+    den = np.sqrt((rx**2).sum(-1) * (ry**2).sum(-1))
+    with np.errstate(invalid='ignore', divide='ignore'): return np.where(den > 0, (rx * ry).sum(-1) / den, np.nan)
+
+# %% ../nbs/13_evaluate.ipynb #db1c0a11
+def judge_agreement(results:list, # SuiteResults on one suite (several controllers: more pairs per item)
+                    ecfg:EvaluateConfig|None=None, # bootstrap resamples, alpha, seed
+                    term:str=JUDGE_TERM, # the reward term of the judge
+                   ) -> dict:
+    "Per task: Spearman rho between the judge term and the task score over items x controllers, with an items-bootstrap CI."
+    ec = ecfg or EvaluateConfig()
+    if not any(term in r.term_names() for r in results): return {}
+    vj, vt = [r.values(f"term.{term}") for r in results], [r.values('task') for r in results]
+    out = {}
+    for t in sorted({x.task for r in results for x in r.records}):
+        ids = list(dict.fromkeys(x.item_id for r in results for x in r.records if x.task == t))
+        J = np.array([[v.get(i, math.nan) for v in vj] for i in ids], float)
+        T = np.array([[v.get(i, math.nan) for v in vt] for i in ids], float)
+        keep = np.isfinite(J).all(1) & np.isfinite(T).all(1)  # items every controller has both numbers of
+        J, T = J[keep], T[keep]
+        row = dict(metric=TASK_METRIC.get(t, 'task'), items=int(len(J)), pairs=int(J.size), rho=math.nan, ci_lo=math.nan, ci_hi=math.nan)
+        if len(J) >= 3:
+            row['rho'] = float(spearman(J.ravel(), T.ravel()))
+            idx = np.random.default_rng(ec.seed).integers(0, len(J), size=(ec.bootstrap, len(J)))
+            boots = spearman(J[idx].reshape(ec.bootstrap, -1), T[idx].reshape(ec.bootstrap, -1))
+            if np.isfinite(boots).any():
+                row['ci_lo'], row['ci_hi'] = (float(q) for q in np.nanquantile(boots, [ec.alpha / 2, 1 - ec.alpha / 2]))
+        out[t] = row
+    return out
+
+# %% ../nbs/13_evaluate.ipynb #d4bef299
+def _fmt_rho(r:dict) -> str:
+    if math.isnan(r['rho']): return '— (a constant score)'
+    return f"{r['rho']:+.2f}" + ('' if math.isnan(r['ci_lo']) else f" [{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}]")
+
+def agreement_table(results:list, ecfg:EvaluateConfig|None=None, term:str=JUDGE_TERM) -> str:
+    "Markdown: the judge's agreement with the task score per task (`judge_agreement`), or a line saying there is no judge term."
+    ec = ecfg or EvaluateConfig(); ag = judge_agreement(results, ec, term)
+    if not ag: return f"Judge agreement: these results have no `{term}` term (the judge was off: rewards.w_coherence = 0)."
+    lvl = f"{1 - ec.alpha:.0%}"
+    rows = [f"Judge agreement: Spearman ρ between the judge (`{term}` term) and the task score, over items × controllers "
+            f"({lvl} CI: bootstrap over items). Near 0, the judge cannot tell right answers from wrong ones on that task.", '',
+            f"| task | task score | items | pairs | ρ [{lvl} CI] |", '|---|---|---:|---:|---|']
+    rows += [f"| {t} | {r['metric']} | {r['items']} | {r['pairs']} | {_fmt_rho(r)} |" for t, r in ag.items()]
+    return '\n'.join(rows)
+
 # %% ../nbs/13_evaluate.ipynb #c421f482
 def _fmt_ci(m, lo, hi): return '—' if math.isnan(m) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+
+def _delta_cells(s) -> list:
+    if s is None: return ['—'] * 3
+    return [f"{s.diff:+.3f} [{s.ci_lo:+.3f}, {s.ci_hi:+.3f}]", f"{s.mde:.3f}", f"{s.p_adj:.3g}" + (' *' if s.significant else '')]
 
 def compare_table(results:list, # SuiteResults on one suite
                   ecfg:EvaluateConfig|None=None,
                   reference:str|int=0, # label or index of the controller the others are compared with
-                  metrics:list|None=None, # None = 'reward' + task metrics all results have
-                  per_task:bool=True) -> str:
-    "Markdown table of every result with CIs and paired reward differences to `reference`."
+                  metrics:list|None=None, # None = `table_metrics(results)`: task score, task metrics, reward
+                  per_task:bool=True, # add the per-task means and the judge's agreement
+                 ) -> str:
+    "Markdown table: task scores then reward with CIs; paired Δ (task score, reward) to `reference` with CI, MDE and p."
     ec = ecfg or EvaluateConfig()
     if not results: raise ValueError("compare_table needs at least one SuiteResult.")
     labels = [r.label for r in results]
     if isinstance(reference, int): ref = results[reference]
     elif reference in labels: ref = results[labels.index(reference)]
     else: raise ValueError(f"reference {reference!r} is not one of {labels}.")
-    if metrics is None: metrics = ['reward', *sorted(set.intersection(*[set(r.metric_names()) for r in results]))]
+    if metrics is None: metrics = table_metrics(results)
+    deltas = [m for m in ('task', 'reward') if m in metrics] or metrics[:1]
     lvl = f"{1 - ec.alpha:.0%}"
-    head = ['controller', 'n', *[f"{m} [{lvl} CI]" for m in metrics], 'tokens', 'latency ms', 'errors',
-            f"Δ reward vs {ref.label} [{lvl} CI]", f"p ({ec.correction})"]
+    head = ['controller', 'n', *[f"{m} [{lvl} CI]" for m in metrics], 'tokens', 'latency ms', 'errors']
+    for m in deltas: head += [f"Δ {m} vs {ref.label} [{lvl} CI]", f"MDE {m}", f"p {m} ({ec.correction})"]
     rows = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] + ['---:'] * (len(head) - 1)) + '|']
     for r in results:
         cells = [r.label, str(r.n)]
@@ -534,20 +714,25 @@ def compare_table(results:list, # SuiteResults on one suite
             v = np.array(list(r.values(m).values()), float)
             cells.append(_fmt_ci(np.nanmean(v) if (~np.isnan(v)).any() else math.nan, *bootstrap_ci(v, ec.bootstrap, ec.alpha, ec.seed)))
         cells += [f"{r.mean('tokens'):.1f}", f"{r.mean('latency_ms'):.0f}", f"{r.error_rate:.0%}"]
-        if r is ref: cells += ['—', '—']
+        if r is ref: cells += ['—'] * (3 * len(deltas))
         else:
-            s = compare(ref, r, ec, metrics=metrics)['reward']
-            cells += [f"{s.diff:+.3f} [{s.ci_lo:+.3f}, {s.ci_hi:+.3f}]", f"{s.p_adj:.3g}" + (' *' if s.significant else '')]
+            st = compare(ref, r, ec, metrics=metrics).stats
+            for m in deltas: cells += _delta_cells(st.get(m))
         rows.append('| ' + ' | '.join(cells) + ' |')
     out = '\n'.join(rows)
     if per_task:
         tasks = sorted({rec.task for r in results for rec in r.records})
-        t_rows = ['| controller | ' + ' | '.join(tasks) + ' |', '|---|' + '---:|' * len(tasks)]
+        cols = [f"{t} {TASK_METRIC.get(t, 'task')}" for t in tasks] + [f"{t} reward" for t in tasks]
+        t_rows = ['| controller | ' + ' | '.join(cols) + ' |', '|---|' + '---:|' * len(cols)]
         for r in results:
             s = r.summary()['per_task']
-            t_rows.append(f"| {r.label} | " + ' | '.join(f"{s[t]['reward']:.3f}" if t in s and 'reward' in s[t] else '—' for t in tasks) + ' |')
-        out += '\n\nMean reward per task:\n\n' + '\n'.join(t_rows)
-    return out + f"\n\n{lvl} CIs: bootstrap over items ({ec.bootstrap} resamples); * = significant at α={ec.alpha} after {ec.correction} correction.\n"
+            cell = lambda t, k: f"{s[t][k]:.3f}" if t in s and k in s[t] else '—'
+            t_rows.append(f"| {r.label} | " + ' | '.join([cell(t, 'task') for t in tasks] + [cell(t, 'reward') for t in tasks]) + ' |')
+        out += '\n\nMean task score, then mean reward, per task:\n\n' + '\n'.join(t_rows) + '\n\n' + agreement_table(results, ec)
+    tm = ', '.join(f"{t} {m}" for t, m in TASK_METRIC.items())
+    return out + (f"\n\n{lvl} CIs: bootstrap over items ({ec.bootstrap} resamples); * = significant at α={ec.alpha} after {ec.correction} correction. "
+                  f"task = each item's task score ({tm}). MDE = the smallest true Δ the paired test detects with power {MDE_POWER:.0%} "
+                  f"at α={ec.alpha} two-sided on these n items: (z_{{1-α/2}} + z_{{power}}) · sd(d) / √n.\n")
 
 # %% ../nbs/13_evaluate.ipynb #7fe838a7
 def _figure(w, h):
@@ -555,9 +740,9 @@ def _figure(w, h):
     return Figure(figsize=(w, h), layout='constrained')
 
 def plot_metric_bars(results:list, ecfg:EvaluateConfig|None=None, metrics:list|None=None):
-    "One panel per metric: mean of each controller with its bootstrap CI."
+    "One panel per metric (task score and task metrics first, then the reward): mean of each controller with its bootstrap CI."
     ec = ecfg or EvaluateConfig()
-    if metrics is None: metrics = ['reward', *sorted(set.intersection(*[set(r.metric_names()) for r in results]))]
+    if metrics is None: metrics = table_metrics(results)
     fig = _figure(1.2 + 0.6 * len(results) * len(metrics) + 1.2 * len(metrics), 3.4)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, m in zip(axes, metrics):
@@ -585,7 +770,7 @@ def plot_reward_terms(results:list):
     return fig
 
 # %% ../nbs/13_evaluate.ipynb #9caa6c70
-def plot_tokens_vs_score(results:list, ecfg:EvaluateConfig|None=None, metric:str='reward'):
+def plot_tokens_vs_score(results:list, ecfg:EvaluateConfig|None=None, metric:str='task'):
     "Tokens spent vs `metric`: items as dots, each controller's mean with bootstrap CIs on both axes."
     ec = ecfg or EvaluateConfig()
     fig = _figure(5.5, 4); ax = fig.subplots(); rng = np.random.default_rng(ec.seed)
@@ -667,7 +852,7 @@ def evaluate_controllers(cfg:Config, # `evaluate` (budget, suite), `slm`, `rewar
                          rewards=None, # None = `default_rewards(cfg, engine)`
                          registry=None, # registry for 'vN'/'active' names; None = the configured one
                         ) -> list:
-    "Run every controller on the suite at `evaluate.token_budget` tokens per item; one `SuiteResult` each."
+    "Run every controller on the suite at `evaluate.token_budget` tokens per item (`evaluate.batch_items` at a time); one `SuiteResult` each."
     suite = suite if suite is not None else get_suite(cfg)
     budget = cfg.evaluate.token_budget
     if suite.token_budget != budget:
@@ -682,12 +867,12 @@ def evaluate_controllers(cfg:Config, # `evaluate` (budget, suite), `slm`, `rewar
         for c in ctls:
             bar.set_postfix_str(_label(c))
             out.append(run_suite(c, suite, engine, rewards, budget, meta={'config_hash': config_hash(cfg)}, progress=False,
-                                 metrics_fn=mfn, on_item=lambda r: bar.update(1)))
+                                 metrics_fn=mfn, on_item=lambda r: bar.update(1), batch_items=cfg.evaluate.batch_items))
     finally: bar.close()
     return out
 
 # %% ../nbs/13_evaluate.ipynb #f2fb7f8c
-BASELINE_ORDER = ('greedy', 'sampling', 'best_of_n', 'threshold')
+BASELINE_ORDER = ('greedy', 'greedy_stop', 'sampling', 'best_of_n', 'self_consistency', 'threshold')
 
 def default_controller_names(cfg:Config) -> list:
     "The baselines, then 'active' when the registry has an active version."
@@ -697,7 +882,7 @@ def default_controller_names(cfg:Config) -> list:
 
 # %% ../nbs/13_evaluate.ipynb #d5491936
 class CompareRun:
-    "What `run_compare` produced: the results, the Markdown table and the written paths."
+    "What `run_compare` (or `run_budgets`) produced: the results, the Markdown table and the written paths."
     def __init__(self, results:list, table:str, paths:dict): self.results, self.table, self.paths = results, table, paths
     def __repr__(self):
         files = [str(p) for k, v in self.paths.items() for p in (v if isinstance(v, list) else [v])]
@@ -719,3 +904,139 @@ def run_compare(cfg:Config, # the config (`evaluate`, `promotion.registry_dir`, 
         paths = {'results': [r.save(out/'results'/f"{r.label.replace('/', '_')}.json") for r in results]}
     table = compare_table(results, cfg.evaluate, per_task=True)
     return CompareRun(results, table, paths)
+
+# %% ../nbs/13_evaluate.ipynb #0a355253
+GENERATION_SECTIONS = ('slm', 'features', 'macro', 'engine', 'baselines', 'mcts', 'network', 'rewards', 'tasks')
+
+def generation_hash(cfg:Config) -> str:
+    "Short sha256 of the config sections that change what a controller generates and how it is scored."
+    d = config_to_dict(cfg)
+    return sha256_json({k: d[k] for k in GENERATION_SECTIONS})[:16]
+
+# %% ../nbs/13_evaluate.ipynb #a01aae1f
+def budget_result_path(out_dir:str|Path, # the comparison's directory (runs/<evaluate.out_dir>/<suite name>)
+                       label:str, budget:int) -> Path:
+    "Where a sweep keeps the result of controller `label` at `budget` tokens per item."
+    return Path(out_dir)/'budgets'/f"{label.replace('/', '_')}__{int(budget)}tok.json"
+
+# %% ../nbs/13_evaluate.ipynb #79374a80
+def load_done(path:str|Path, suite:Suite, label:str, budget:int, gen_hash:str) -> SuiteResult|None:
+    "The stored result at `path` if it is `label` on `suite` at `budget` under generation settings `gen_hash`, else None."
+    if not Path(path).exists(): return None
+    try: r = SuiteResult.load(path)
+    except (ValueError, KeyError, TypeError): return None  # unreadable: run it again
+    same = (r.suite_hash, r.label, r.token_budget, r.meta.get('generation_hash')) == (suite.hash, label, int(budget), gen_hash)
+    return r if same else None
+
+# %% ../nbs/13_evaluate.ipynb #d453896b
+def evaluate_budgets(cfg:Config, # `evaluate` (budgets, batch_items, out_dir), `slm`, `rewards`, ...
+                     controllers:list, # controller objects and/or names, as in `evaluate_controllers`
+                     budgets:list|None=None, # token budgets per item; None = `evaluate.budgets`
+                     suite:Suite|None=None, # None = `get_suite(cfg)`
+                     out_dir:str|Path|None=None, # None = runs/<evaluate.out_dir>/<suite name>
+                     progress:bool=True, # one tqdm bar over every (controller, budget, item) still to run
+                     engine=None, # None = `default_engine(cfg)`, loaded only when something is left to run
+                     rewards=None, # None = `default_rewards(cfg, engine)`, likewise
+                     registry=None, # registry for 'vN'/'active' names; None = the configured one
+                     resume:bool=True, # reuse the stored results of this sweep; False = run everything again
+                    ) -> list:
+    "Run every controller at every budget, writing each result as it is done and reusing stored ones; one `SuiteResult` per (controller, budget)."
+    budgets = list(cfg.evaluate.budgets if budgets is None else budgets)
+    if not budgets or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in budgets):
+        raise ValueError(f"budgets must be a non-empty list of positive token counts, got {budgets!r}; e.g. evaluate.budgets=[16, 32, 64, 128].")
+    if len(set(budgets)) != len(budgets): raise ValueError(f"budgets {budgets} list a budget more than once; give each once.")
+    suite = suite if suite is not None else get_suite(cfg)
+    out = Path(out_dir) if out_dir else run_path(cfg, cfg.evaluate.out_dir)/suite.name
+    ctls, gh = as_controllers(cfg, controllers, registry), generation_hash(cfg)
+    jobs = [(c, int(b), budget_result_path(out, _label(c), b)) for c in ctls for b in budgets]
+    done = {p: (load_done(p, suite, _label(c), b, gh) if resume else None) for c, b, p in jobs}
+    todo = [(c, b, p) for c, b, p in jobs if done[p] is None]
+    if todo:
+        engine = engine if engine is not None else default_engine(cfg)
+        rewards = rewards if rewards is not None else default_rewards(cfg, engine)
+    meta = {'config_hash': config_hash(cfg), 'generation_hash': gh}
+    with tqdm(total=len(todo) * len(suite), desc='budgets', unit='item', disable=not progress) as bar:
+        for c, b, p in todo:
+            bar.set_postfix_str(f"{_label(c)} @ {b} tokens")
+            r = run_suite(c, suite, engine, rewards, b, meta=meta, progress=False, metrics_fn=metrics_fn_for(rewards),
+                          on_item=lambda g: bar.update(1), batch_items=cfg.evaluate.batch_items)
+            r.save(p); done[p] = r
+    return [done[p] for _, _, p in jobs]
+
+# %% ../nbs/13_evaluate.ipynb #31dcddf6
+def _task_vals(r:SuiteResult, task:str|None, metric:str) -> np.ndarray:
+    return np.array([x.value(metric) for x in r.records if task is None or x.task == task], float)
+
+def plot_budget_curves(results:list, # SuiteResults of a sweep: several budgets per controller
+                       task:str|None=None, # one task, or None = every item of the suite
+                       ecfg:EvaluateConfig|None=None, # bootstrap resamples, alpha, seed
+                       ax=None, # draw into this matplotlib Axes; None = a new figure
+                       metric:str='task', # what the y axis shows ('task' = each item's task score)
+                      ):
+    "Task score against mean tokens spent, one line per controller through its budgets, with bootstrap CIs."
+    ec = ecfg or EvaluateConfig()
+    if ax is None: ax = _figure(5.5, 4).subplots()
+    groups = {}
+    for r in results: groups.setdefault(r.label, []).append(r)
+    for i, (lab, rs) in enumerate(groups.items()):
+        pts = []
+        for r in sorted(rs, key=lambda r: r.token_budget):
+            t, s = _task_vals(r, task, 'tokens'), _task_vals(r, task, metric)
+            if not len(s) or np.isnan(s).all() or np.nanmean(t) <= 0: continue
+            pts.append((r.token_budget, np.nanmean(t), *bootstrap_ci(t, ec.bootstrap, ec.alpha, ec.seed), np.nanmean(s), *bootstrap_ci(s, ec.bootstrap, ec.alpha, ec.seed)))
+        if not pts: continue
+        b, x, xl, xh, y, yl, yh = map(np.array, zip(*pts))
+        ax.errorbar(x, y, xerr=[x - xl, xh - x], yerr=[y - yl, yh - y], fmt='-o', ms=5, capsize=3, color=f"C{i}", label=lab)
+        for bi, xi, yi in zip(b, x, y): ax.annotate(str(bi), (xi, yi), textcoords='offset points', xytext=(4, -11), fontsize=7, color=f"C{i}")
+    what = ('task score' if task is None else f"{TASK_METRIC.get(task, 'task score')}") if metric == 'task' else metric
+    ax.set_xscale('log', base=2); ax.set_xlabel('mean tokens spent per item (points labelled by budget)'); ax.set_ylabel(what)
+    ax.set_title(f"{task or 'all tasks'}: {what} vs tokens spent ({1 - ec.alpha:.0%} CIs)"); ax.legend(fontsize=8)
+    return ax.figure
+
+# %% ../nbs/13_evaluate.ipynb #e2965ba0
+def budget_summary(results:list, ecfg:EvaluateConfig|None=None, metric:str='task') -> str:
+    "Markdown: each controller's mean task score [CI] and mean tokens spent at each budget."
+    ec = ecfg or EvaluateConfig(); lvl = f"{1 - ec.alpha:.0%}"
+    budgets = sorted({r.token_budget for r in results}); by = {(r.label, r.token_budget): r for r in results}
+    labels = list(dict.fromkeys(r.label for r in results))
+    rows = [f"| controller | " + ' | '.join(f"{b} tokens" for b in budgets) + ' |', '|---|' + '---:|' * len(budgets)]
+    for lab in labels:
+        cells = []
+        for b in budgets:
+            r = by.get((lab, b))
+            if r is None: cells.append('—'); continue
+            v = np.array(list(r.values(metric).values()), float)
+            cells.append(f"{_fmt_ci(np.nanmean(v) if np.isfinite(v).any() else math.nan, *bootstrap_ci(v, ec.bootstrap, ec.alpha, ec.seed))} · {r.mean('tokens'):.1f} tok")
+        rows.append(f"| {lab} | " + ' | '.join(cells) + ' |')
+    return (f"Mean {metric} score [{lvl} CI] · mean tokens spent, per token budget:\n\n" if metric == 'task' else f"Mean {metric} [{lvl} CI] · mean tokens spent, per token budget:\n\n") + '\n'.join(rows)
+
+# %% ../nbs/13_evaluate.ipynb #f881479e
+def write_budget_report(results:list, cfg:Config, out_dir:str|Path|None=None, reference:str|int=0) -> dict:
+    "Write `budgets.md` (summary, then a comparison table per budget) and the budget-curve PNGs; returns the paths."
+    if not results: raise ValueError("write_budget_report needs at least one SuiteResult.")
+    ec, ref = cfg.evaluate, results[0]
+    if any(r.suite_hash != ref.suite_hash for r in results): raise SuiteError("write_budget_report needs results of one suite; these come from several.")
+    out = Path(out_dir) if out_dir else run_path(cfg, ec.out_dir)/ref.suite
+    by_b = {}
+    for r in results: by_b.setdefault(r.token_budget, []).append(r)
+    md = [f"# {ref.suite} [{ref.suite_hash[:12]}]: budget sweep over {sorted(by_b)} tokens per item", '', budget_summary(results, ec)]
+    md += [f"\n## {b} tokens per item\n\n" + compare_table(by_b[b], ec, reference, per_task=True) for b in sorted(by_b)]
+    paths = {'table': atomic_write_text(out/'budgets.md', '\n'.join(md))}
+    for t in [None, *sorted({x.task for r in results for x in r.records})]:
+        paths[f"budget_{t or 'all'}"] = _save_fig(plot_budget_curves(results, t, ec), out/f"budget_{t or 'all'}.png")
+    return paths
+
+# %% ../nbs/13_evaluate.ipynb #f3ba4070
+def run_budgets(cfg:Config, # the config (`evaluate.budgets`, `evaluate.suite`, ...)
+                controllers:list|None=None, # objects or names; None = `default_controller_names(cfg)`
+                budgets:list|None=None, # None = `evaluate.budgets`
+                out_dir:str|Path|None=None, # None = runs/<evaluate.out_dir>/<suite name>
+                progress:bool=True,
+                suite:Suite|None=None, engine=None, rewards=None, registry=None,
+               ) -> CompareRun:
+    "Budget sweep (resumable) of the controllers; writes the per-(controller, budget) results, `budgets.md` and the budget curves."
+    results = evaluate_budgets(cfg, controllers or default_controller_names(cfg), budgets, suite, out_dir, progress, engine, rewards, registry)
+    paths = write_budget_report(results, cfg, out_dir)
+    out = Path(out_dir) if out_dir else run_path(cfg, cfg.evaluate.out_dir)/results[0].suite
+    paths['results'] = [budget_result_path(out, r.label, r.token_budget) for r in results]
+    return CompareRun(results, budget_summary(results, cfg.evaluate), paths)

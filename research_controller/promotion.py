@@ -22,12 +22,12 @@ from .registry import ControllerRegistry, RegistryError, _now, version_name
 from .controllers import load_controller, resolve_controller
 
 # %% auto #0
-__all__ = ['CYCLE_STAGES', 'CheckResult', 'PromotionCheck', 'PromotionContext', 'ComparableCheck', 'MinItemsCheck',
-           'RewardGainCheck', 'ErrorRateCheck', 'LatencyCheck', 'default_checks', 'PromotionDecision',
-           'PromotionPolicy', 'TrainingReport', 'make_report', 'write_report', 'load_reports', 'buffer_episode_ids',
-           'checkpoint_meta', 'OnlineLearningCoordinator', 'relabel_result', 'CycleRun', 'find_trajectories',
-           'find_champion', 'train_challenger', 'benchmark', 'apply_policy', 'register_and_promote',
-           'write_cycle_report', 'report_table', 'CycleOutcome', 'cycle']
+__all__ = ['CYCLE_STAGES', 'CheckResult', 'PromotionCheck', 'PromotionContext', 'ComparableCheck', 'MinItemsCheck', 'GainCheck',
+           'ErrorRateCheck', 'LatencyCheck', 'default_checks', 'PromotionDecision', 'PromotionPolicy', 'TrainingReport',
+           'make_report', 'write_report', 'load_reports', 'buffer_episode_ids', 'checkpoint_meta',
+           'OnlineLearningCoordinator', 'relabel_result', 'CycleRun', 'find_trajectories', 'find_champion',
+           'train_challenger', 'benchmark', 'apply_policy', 'register_and_promote', 'write_cycle_report',
+           'report_table', 'CycleOutcome', 'cycle']
 
 # %% ../nbs/14_promotion.ipynb #db322566
 @dataclass
@@ -57,7 +57,12 @@ class PromotionContext:
     def comparison(self) -> Comparison:
         if self._comparison is None:
             p = self.policy
-            self._comparison = compare(self.champion, self.challenger, p.ecfg, metrics=p.metrics, alpha=p.alpha)
+            ms = p.metrics
+            if ms is None:  # the gate's metric first, then the reward and the task metrics both results have, corrected together
+                common = sorted(set(self.champion.metric_names()) & set(self.challenger.metric_names()))
+                ms = list(dict.fromkeys([p.metric, 'reward', *common]))
+            elif p.metric not in ms: ms = [p.metric, *ms]
+            self._comparison = compare(self.champion, self.challenger, p.ecfg, metrics=ms, alpha=p.alpha)
         return self._comparison
 
 # %% ../nbs/14_promotion.ipynb #a115a8ae
@@ -74,25 +79,32 @@ class MinItemsCheck(PromotionCheck):
     "The decision rests on at least `policy.min_tasks` paired items."
     order, name = 10, 'min_items'
     def __call__(self, ctx):
-        n = ctx.comparison['reward'].n; need = ctx.policy.min_tasks
+        cmp = ctx.comparison; n = cmp[ctx.policy.metric].n if ctx.policy.metric in cmp.stats else 0; need = ctx.policy.min_tasks
         ctx.metrics['n'] = n
         return CheckResult(self.name, n >= need, f"{n} paired items {'≥' if n >= need else '<'} the {need} required.")
 
-class RewardGainCheck(PromotionCheck):
-    "Mean reward gain above `min_reward_delta`, corrected p below `alpha`, and the CI's lower bound above 0."
-    order, name = 20, 'reward_gain'
+class GainCheck(PromotionCheck):
+    "Mean gain in `policy.metric` above `min_reward_delta`, corrected p below `alpha`, and the CI's lower bound above 0."
+    order, name = 20, 'gain'
     def __call__(self, ctx):
-        s, p, cmp = ctx.comparison['reward'], ctx.policy, ctx.comparison
-        ctx.metrics.update(reward_champion=s.mean_a, reward_challenger=s.mean_b, reward_delta=s.diff,
-                           reward_ci=[s.ci_lo, s.ci_hi], p_wilcoxon=s.p_wilcoxon, p_sign=s.p_sign, p_adj=s.p_adj,
+        p, cmp = ctx.policy, ctx.comparison
+        if p.metric not in cmp.stats:
+            return CheckResult(self.name, False, f"No item has a {p.metric!r} score for both controllers; the gate has nothing to compare "
+                                                 f"(promotion.metric={p.metric!r}).")
+        s = cmp[p.metric]
+        ctx.metrics.update(metric=p.metric, score_champion=s.mean_a, score_challenger=s.mean_b, score_delta=s.diff,
+                           score_ci=[s.ci_lo, s.ci_hi], p_wilcoxon=s.p_wilcoxon, p_sign=s.p_sign, p_adj=s.p_adj,
                            test=cmp.test, correction=cmp.correction, n_metrics=len(cmp.stats))
+        if 'reward' in cmp.stats:  # the composite reward, always reported beside the gate's metric
+            r = cmp['reward']
+            ctx.metrics.update(reward_champion=r.mean_a, reward_challenger=r.mean_b, reward_delta=r.diff, reward_ci=[r.ci_lo, r.ci_hi], p_adj_reward=r.p_adj)
         lvl = f"{1 - cmp.alpha:.0%}"
         conds = [(s.diff > p.min_reward_delta, f"the gain {s.diff:+.4f} {'>' if s.diff > p.min_reward_delta else '≤'} the required {p.min_reward_delta:+.4f}"),
                  (s.p_adj < p.alpha, f"{cmp.test} p = {s.p_adj:.3g} after {cmp.correction} correction over {len(cmp.stats)} metric(s) "
                                      f"{'<' if s.p_adj < p.alpha else '≥'} α = {p.alpha}"),
                  (s.ci_lo > 0, f"the {lvl} CI [{s.ci_lo:+.4f}, {s.ci_hi:+.4f}] {'lies above' if s.ci_lo > 0 else 'does not lie above'} 0")]
         ok = all(c for c, _ in conds)
-        head = f"Mean reward {s.mean_b:.4f} vs champion {s.mean_a:.4f}: "
+        head = f"Mean {'task score' if p.metric == 'task' else p.metric} {s.mean_b:.4f} vs champion {s.mean_a:.4f}: "
         if ok: return CheckResult(self.name, True, head + '; '.join(t for _, t in conds) + '.')
         return CheckResult(self.name, False, head + 'not accepted because ' + '; '.join(t for c, t in conds if not c) +
                            ('' if not any(c for c, _ in conds) else ' (while ' + '; '.join(t for c, t in conds if c) + ')') + '.')
@@ -120,7 +132,7 @@ class LatencyCheck(PromotionCheck):
 
 def default_checks() -> list:
     "The built-in checks, in order."
-    return [ComparableCheck(), MinItemsCheck(), RewardGainCheck(), ErrorRateCheck(), LatencyCheck()]
+    return [ComparableCheck(), MinItemsCheck(), GainCheck(), ErrorRateCheck(), LatencyCheck()]
 
 # %% ../nbs/14_promotion.ipynb #4a32b37f
 @dataclass
@@ -140,21 +152,24 @@ class PromotionDecision:
 @dataclass
 class PromotionPolicy:
     "The promotion gate: thresholds, the statistics settings and the ordered checks."
-    min_reward_delta: float = 0.0  # challenger's mean reward must exceed the champion's by more than this
-    alpha: float = 0.05  # required significance (corrected p) of the reward gain
+    min_reward_delta: float = 0.0  # challenger's mean score (`metric`) must exceed the champion's by more than this
+    alpha: float = 0.05  # required significance (corrected p) of the gain
     max_error_rate_increase: float = 0.0  # largest allowed rise in the fraction of failed items
     max_latency_increase: float = 0.5  # largest allowed relative rise in mean latency
     min_tasks: int = 8  # fewest paired items a decision may rest on
     ecfg: EvaluateConfig = field(default_factory=EvaluateConfig)  # bootstrap, correction, test, seed
     metrics: Optional[list] = None  # metrics compared (and corrected together); None = reward + task metrics
     checks: list = field(default_factory=default_checks)
+    metric: str = 'task'  # what the gain is measured in: 'task' (each item's task score) or 'reward' (the composite reward)
+    def __post_init__(self):
+        if self.metric not in ('task', 'reward'): raise ValueError(f"metric must be 'task' or 'reward', got {self.metric!r}; set promotion.metric.")
 
     @classmethod
     def from_config(cls, cfg:Config, extra_checks:list=()) -> PromotionPolicy:
         "Policy from `cfg.promotion` (thresholds) and `cfg.evaluate` (statistics), plus `extra_checks`."
         p = cfg.promotion
         return cls(p.min_reward_delta, p.alpha, p.max_error_rate_increase, p.max_latency_increase, p.min_tasks,
-                   cfg.evaluate, None, default_checks() + list(extra_checks))
+                   cfg.evaluate, None, default_checks() + list(extra_checks), p.metric)
 
     def add_check(self, check:PromotionCheck) -> PromotionPolicy:
         "Add a check (it runs in `order` with the others)."
@@ -415,8 +430,8 @@ def register_and_promote(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
         run.stage = f'promoting {v}'
         m = dec.metrics
         coord.registry.promote(v, who=coord.who, decision=dec.to_dict(),
-                               why=f"beat {run.champion.label}: reward {m['reward_challenger']:.4f} vs {m['reward_champion']:.4f} "
-                                   f"({m['reward_delta']:+.4f}, p={m['p_adj']:.3g}) on {m['n']} items")
+                               why=f"beat {run.champion.label}: {m['metric']} {m['score_challenger']:.4f} vs {m['score_champion']:.4f} "
+                                   f"({m['score_delta']:+.4f}, p={m['p_adj']:.3g}) on {m['n']} items")
         run.promoted = v
     state = coord.load_state()
     coord.save_state({**state, 'seen': state['seen'] + [i for i in run.ids if i not in set(state['seen'])], 'cycles': state['cycles'] + 1})
@@ -482,11 +497,17 @@ def report_table(report:TrainingReport|dict) -> str:
             ('new trajectories', f"{len(ids)}" + (f" ({ids[0]} … {ids[-1]})" if ids else '')), ('training samples', r.get('n_samples', 0)),
             ('champion', f"{ch.get('label') or ch.get('version') or 'threshold'}"),
             ('challenger', f"{cl.get('label', '—')}" + (f" registered as {cl['version']}" if cl.get('version') else ''))]
-    if 'reward_delta' in m:
-        ci = m.get('reward_ci') or [None, None]
-        rows += [('reward champion → challenger', f"{f(m.get('reward_champion'))} → {f(m.get('reward_challenger'))}"),
-                 ('Δ reward [CI]', f"{f(m.get('reward_delta'), '+.4f')} [{f(ci[0], '+.4f')}, {f(ci[1], '+.4f')}]"),
-                 (f"p ({m.get('test', '')}, {m.get('correction', '')})", f(m.get('p_adj'), '.3g')), ('items', m.get('n')),
+    if 'score_delta' in m or 'reward_delta' in m:
+        met = m.get('metric', 'reward'); sc = 'score' if 'score_delta' in m else 'reward'
+        ci, rci = m.get(f'{sc}_ci') or [None, None], m.get('reward_ci') or [None, None]
+        rows += [('gate metric (promotion.metric)', met),
+                 (f"{met} champion → challenger", f"{f(m.get(f'{sc}_champion'))} → {f(m.get(f'{sc}_challenger'))}"),
+                 (f"Δ {met} [CI]", f"{f(m.get(f'{sc}_delta'), '+.4f')} [{f(ci[0], '+.4f')}, {f(ci[1], '+.4f')}]"),
+                 (f"p ({m.get('test', '')}, {m.get('correction', '')})", f(m.get('p_adj'), '.3g'))]
+        if met != 'reward' and 'reward_delta' in m:
+            rows += [('reward champion → challenger', f"{f(m.get('reward_champion'))} → {f(m.get('reward_challenger'))}"),
+                     ('Δ reward [CI]', f"{f(m.get('reward_delta'), '+.4f')} [{f(rci[0], '+.4f')}, {f(rci[1], '+.4f')}], p {f(m.get('p_adj_reward'), '.3g')}")]
+        rows += [('items', m.get('n')),
                  ('error rate champion / challenger', f"{f(m.get('error_rate_champion'), '.1%')} / {f(m.get('error_rate_challenger'), '.1%')}"),
                  ('latency ms champion / challenger', f"{f(m.get('latency_ms_champion'), '.0f')} / {f(m.get('latency_ms_challenger'), '.0f')}")]
     rows += [('decision', 'ACCEPTED' if d.get('accepted') else 'REJECTED' if r.get('status') in ('rejected', 'dry_run', 'promoted', 'decided') else r.get('status', '').upper()),
