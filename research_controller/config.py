@@ -210,6 +210,8 @@ class SelfPlayConfig:
     max_new_tokens: int = setting(48, "token budget of one self-play episode", unit='tokens', lo=1, hi=32768)
     tasks: list = setting(['wikitext', 'squad', 'gsm8k', 'nq_open'], "prompt sources mixed round-robin (name one twice to draw it twice as often)", choices=TASK_CHOICES)
     workers: int = setting(1, "parallel self-play processes", unit='processes', lo=1, hi=1024)
+    batch_episodes: int = setting(1, "episodes each self-play process plays in lock step, their search leaves sharing batched SLM forwards; 1 = one at a time", unit='episodes', lo=1, hi=4096)
+    ray_address: Optional[str] = setting(None, "Ray cluster self-play joins (e.g. 127.0.0.1:6379 or ray://host:10001); null = $RAY_ADDRESS, else a private local instance")
     backend: str = setting('local', "where workers run: local processes or Ray actors ([distributed] extra)", choices=['local', 'ray'])
     seed: int = setting(0, "self-play seed", lo=0, hi=2**32 - 1)
     out_dir: str = setting('selfplay', "trajectory files (relative paths live under paths.runs_dir)")
