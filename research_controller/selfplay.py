@@ -6,10 +6,10 @@ Docs: https://research-controller.github.io/research_controller/selfplay.html.md
 
 # %% ../nbs/11_selfplay.ipynb #f053171c
 from __future__ import annotations
-import dataclasses, hashlib, json, logging, math, multiprocessing as mp, os, queue, time, traceback
+import dataclasses, functools, hashlib, itertools, json, logging, math, multiprocessing as mp, os, queue, threading, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from fastcore.basics import patch
@@ -27,9 +27,10 @@ from .controllers import EnvState, SearchEnv, checkpoint_version, finished_key
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'POSITIVE_TERMS', 'PENALTY_TERMS', 'RAY_HINT', 'reward_bounds', 'reward_to_value', 'RewardTerms',
-           'LengthReward', 'SelfPlayEnv', 'Episode', 'play_selfplay_episode', 'selfplay_items', 'episode_seed',
-           'SelfPlaySummary', 'default_buffer_path', 'run_selfplay']
+__all__ = ['log', 'POSITIVE_TERMS', 'PENALTY_TERMS', 'ONE_TOKEN_ACTIONS', 'RAY_HINT', 'reward_bounds', 'reward_to_value',
+           'RewardTerms', 'LengthReward', 'SelfPlayEnv', 'Episode', 'play_selfplay_episode', 'selfplay_items',
+           'episode_seed', 'Lockstep', 'LockstepEnv', 'ray_address', 'SelfPlaySummary', 'default_buffer_path',
+           'run_selfplay']
 
 # %% ../nbs/11_selfplay.ipynb #7b13ba5d
 POSITIVE_TERMS = ('w_fluency', 'w_coherence', 'w_task')
@@ -159,11 +160,12 @@ def play_selfplay_episode(engine, # the `Engine`
                           seed:int=0, # seeds the SLM sampling, the root noise and the move sampling
                           bounds:tuple|None=None, # reward range mapped to [-1, 1]
                           callbacks:Sequence=(), # MCTS search callbacks
+                          env:SelfPlayEnv|None=None, # the search environment; None = `SelfPlayEnv(engine, reward_fn, item, bounds)`
                          ) -> Episode:
     "Play one MCTS-controlled episode with exploration noise and return its positions and outcome."
     cfg = cfg or engine.cfg
     t0 = time.perf_counter()
-    env = SelfPlayEnv(engine, reward_fn, item, bounds)
+    env = env if env is not None else SelfPlayEnv(engine, reward_fn, item, bounds)
     mcts = MCTS(env, evaluator, cfg.mcts, seed=seed, callbacks=callbacks)
     rng = np.random.default_rng([seed, 1])
     state = env.root(max_new_tokens=cfg.selfplay.max_new_tokens, seed=seed)
@@ -232,11 +234,169 @@ class _Player:
         ep = play_selfplay_episode(self.engine, item, self.evaluator, self.reward_fn, self.cfg, seed=seed)
         return i, ep, self.engine.fingerprint
 
+# %% ../nbs/11_selfplay.ipynb #7578d451
+class _Aborted(BaseException):
+    "Unwinds an episode thread of a stopped `Lockstep`."
+
+# %% ../nbs/11_selfplay.ipynb #2f093255
+class Lockstep:
+    "Episodes in threads that take turns; the expansions of all waiting episodes run as ONE `engine.expand`."
+    def __init__(self, engine:Engine): # the `Engine` every episode decodes on
+        self.engine, self.lock = engine, threading.RLock()
+        self.wake = threading.Condition(self.lock)  # the driver waits here
+        self.turns, self.waiting, self.results = {}, {}, {}  # episode key -> its Condition / filed request / children
+        self.live, self.done, self.aborted, self.threads = set(), [], False, []
+        self.rows = []  # (parent, action) pairs of each joint expansion
+
+    def __repr__(self): return f"Lockstep(live={len(self.live)}, expansions={len(self.rows)}, rows={sum(self.rows)})"
+
+# %% ../nbs/11_selfplay.ipynb #ef540f40
+@patch
+def request(self:Lockstep, key, env:SelfPlayEnv, parents:Sequence, actions:Sequence) -> list:
+    "Episode `key`'s expansion: file it, wake the driver, wait for the children of the joint expansion."
+    if self.aborted: raise _Aborted()
+    self.waiting[key] = (env, list(parents), [int(a) for a in actions])
+    self.wake.notify()
+    self.turns[key].wait_for(lambda: key in self.results or self.aborted)
+    if self.aborted: raise _Aborted()
+    return self.results.pop(key)
+
+# %% ../nbs/11_selfplay.ipynb #118b4fb4
+class LockstepEnv(SelfPlayEnv):
+    "A `SelfPlayEnv` whose expansions join those of the other episodes of a `Lockstep`."
+    def __init__(self,
+                 hub:Lockstep, # the hub the episode plays in
+                 key, # the episode's key in the hub (its index in the run)
+                 engine, reward_fn:Callable|None, item:dict|None=None, bounds:tuple|None=None, # as `SelfPlayEnv`
+                ):
+        super().__init__(engine, reward_fn, item, bounds)
+        self.hub, self.key = hub, key
+
+    def expand(self, parents:Sequence[EnvState], actions:Sequence[int]) -> list[EnvState]:
+        "The children of `parents` under `actions`, decoded together with the other waiting episodes."
+        return self.hub.request(self.key, self, parents, actions)
+
+    def __repr__(self): return f"LockstepEnv(key={self.key!r}, bounds={self.bounds}, cached_rewards={len(self.cache)})"
+
+# %% ../nbs/11_selfplay.ipynb #360d8d95
+ONE_TOKEN_ACTIONS = (Action.THINK_BEGIN, Action.THINK_END)
+
+def _decode_apart(engine, parents:list, actions:list) -> list:
+    "`engine.expand(parents, actions)`, with the one-token moves decoded in a batch of their own."
+    groups = [[i for i, a in enumerate(actions) if (a in ONE_TOKEN_ACTIONS) == short] for short in (False, True)]
+    out = [None]*len(parents)
+    for g in groups:
+        if g:
+            for i, c in zip(g, engine.expand([parents[i] for i in g], [actions[i] for i in g])): out[i] = c
+    return out
+
+# %% ../nbs/11_selfplay.ipynb #18d27940
+@patch
+def _serve(self:Lockstep):
+    "One joint expansion of every waiting episode: batched decodes, one features batch, then each env's `finished`."
+    eng, keys = self.engine, sorted(self.waiting)
+    reqs = [self.waiting.pop(k) for k in keys]
+    kids = [EnvState(g) for g in _decode_apart(eng, [p.gs for _, ps, _ in reqs for p in ps], [a for _, _, acts in reqs for a in acts])]
+    live = [k for k in kids if not eng.is_done(k.gs)]
+    if live:
+        for k, f in zip(live, eng.features_batch([k.gs for k in live])): k.feat = f
+    self.rows.append(len(kids))
+    j = 0
+    for key, (env, ps, _) in zip(keys, reqs):
+        mine, j = kids[j:j + len(ps)], j + len(ps)
+        env.expand_calls += 1
+        fin = [k for k in mine if eng.is_done(k.gs)]
+        if fin: env.finished(fin)
+        self.results[key] = mine
+        self.turns[key].notify()
+
+# %% ../nbs/11_selfplay.ipynb #0223a83b
+@patch
+def _thread(self:Lockstep, key, fn:Callable):
+    "Body of episode `key`'s thread: run `fn()` holding the lock, then report the result or the exception."
+    with self.lock:
+        out = None
+        try:
+            if not self.aborted: out = (True, fn())
+        except _Aborted: pass
+        except BaseException as e: out = (False, e)
+        self.live.discard(key); self.turns.pop(key, None)
+        if out is not None: self.done.append((key, out))
+        self.wake.notify()
+
+# %% ../nbs/11_selfplay.ipynb #010efa3a
+@patch
+def start(self:Lockstep, key, fn:Callable):
+    "Run `fn()`, an episode whose env expands through this hub, in a new thread as episode `key`."
+    if key in self.live: raise ValueError(f"episode {key!r} is already running in this Lockstep.")
+    self.live.add(key); self.turns[key] = threading.Condition(self.lock)
+    t = threading.Thread(target=self._thread, args=(key, fn), daemon=True, name=f'lockstep-{key}')
+    self.threads = [x for x in self.threads if x.is_alive()] + [t]  # a long run keeps only the running ones
+    t.start()
+
+# %% ../nbs/11_selfplay.ipynb #dff8cecc
+@patch
+def step(self:Lockstep) -> list:
+    "Wait for every live episode; return the finished `(key, (ok, result))`, or serve one joint expansion and return []."
+    self.wake.wait_for(lambda: self.done or len(self.waiting) == len(self.live))
+    if self.done:
+        out, self.done = sorted(self.done, key=lambda d: d[0]), []
+        return out
+    if self.waiting: self._serve()
+    return []
+
+# %% ../nbs/11_selfplay.ipynb #18fbe939
+@patch
+def abort(self:Lockstep, timeout:float=30.0):
+    "Stop every episode of the hub and wait (up to `timeout` s) for their threads to end."
+    with self.lock:
+        self.aborted = True
+        for c in list(self.turns.values()): c.notify()
+        self.wake.wait_for(lambda: not self.live, timeout=timeout)
+    for t in self.threads: t.join(timeout=timeout)
+
+# %% ../nbs/11_selfplay.ipynb #eeae3517
+@patch
+def run(self:Lockstep,
+        jobs:Iterable[tuple], # (key, ...) tuples; `play(*job)` plays one episode whose env is a `LockstepEnv(self, key, ...)`
+        play:Callable, # plays one job, returns its result
+        k:int, # episodes in flight
+       ):
+    "Play every job, `k` at a time in lock step; yield each result as its episode finishes."
+    if k < 1: raise ValueError(f"k must be >= 1 episodes in flight, got {k}.")
+    jobs = iter(jobs)
+    with self.lock:
+        try:
+            for job in itertools.islice(jobs, k): self.start(job[0], functools.partial(play, *job))
+            while self.live or self.done:
+                for key, (ok, res) in self.step():
+                    if not ok: raise res
+                    yield res
+                    job = next(jobs, None)
+                    if job is not None: self.start(job[0], functools.partial(play, *job))
+        finally: self.abort()
+
+# %% ../nbs/11_selfplay.ipynb #38d99892
+@patch
+def play_many(self:_Player, jobs:Iterable[tuple], k:int=1):
+    "Play `(i, item, seed)` jobs, `k` at a time in lock step; yield `(i, Episode, fingerprint)` as each finishes."
+    if k == 1:
+        for job in jobs: yield self.play(*job)
+        return
+    rows, bs = k*self.cfg.mcts.leaf_batch, self.engine.cfg.engine.batch_size
+    if bs < rows: log.warning("selfplay.batch_episodes=%d x mcts.leaf_batch=%d = up to %d rows per joint expansion, but engine.batch_size=%d "
+                              "splits them into forwards of %d; raise engine.batch_size to decode them together.", k, self.cfg.mcts.leaf_batch, rows, bs, bs)
+    hub = Lockstep(self.engine)
+    def play(i, item, seed):
+        env = LockstepEnv(hub, i, self.engine, self.reward_fn, item)
+        return i, play_selfplay_episode(self.engine, item, self.evaluator, self.reward_fn, self.cfg, seed=seed, env=env), self.engine.fingerprint
+    yield from hub.run(jobs, play, k)
+
 # %% ../nbs/11_selfplay.ipynb #f22efbfe
 def _worker_main(w:int, cfg:Config, jobs:list, checkpoint, reward_fn, slm_loader, out, threads:int):
     try:
         p = _Player(cfg, checkpoint, reward_fn, slm_loader, threads=threads)
-        for i, item, seed in jobs: out.put(('episode', w, p.play(i, item, seed)))
+        for r in p.play_many(jobs, cfg.selfplay.batch_episodes): out.put(('episode', w, r))
         out.put(('done', w, None))
     except BaseException:
         out.put(('error', w, traceback.format_exc()))
@@ -245,7 +405,7 @@ def _local_episodes(cfg, jobs, checkpoint, reward_fn, slm_loader, engine, worker
     "Yield (i, Episode, fingerprint) as episodes finish, from this process or `workers` spawned processes."
     if workers == 1:
         p = _Player(cfg, checkpoint, reward_fn, slm_loader, engine)
-        for i, item, seed in jobs: yield p.play(i, item, seed)
+        yield from p.play_many(jobs, cfg.selfplay.batch_episodes)
         return
     from research_controller import selfplay as this  # the spawned child imports the target from the installed module
     ctx = mp.get_context('spawn')
@@ -271,6 +431,20 @@ def _local_episodes(cfg, jobs, checkpoint, reward_fn, slm_loader, engine, worker
             if p.is_alive(): p.terminate()
         for p in procs: p.join(timeout=10)
 
+# %% ../nbs/11_selfplay.ipynb #1e1391b5
+def ray_address(cfg:Config) -> str|None:
+    "The Ray cluster self-play joins: `selfplay.ray_address`, else `$RAY_ADDRESS`; None = start a private local instance."
+    return cfg.selfplay.ray_address or os.environ.get('RAY_ADDRESS') or None
+
+# %% ../nbs/11_selfplay.ipynb #fcd69b76
+def _ray_connect(ray, cfg:Config, workers:int) -> bool:
+    "Join `ray_address(cfg)` or start a private local Ray; False when Ray was already initialised (left alone)."
+    if ray.is_initialized(): return False
+    addr = ray_address(cfg)
+    if addr: ray.init(address=addr, log_to_driver=False)
+    else: ray.init(address='local', num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
+    return True
+
 # %% ../nbs/11_selfplay.ipynb #f3a10e4d
 RAY_HINT = "pip install 'research_controller[distributed]' (or pip install ray==2.60.0)"
 
@@ -278,14 +452,22 @@ def _ray_episodes(cfg, jobs, checkpoint, reward_fn, slm_loader, workers):
     try: import ray
     except ImportError:
         raise ImportError(f"selfplay.backend='ray' needs Ray, which is not installed. Fix: {RAY_HINT}, or set selfplay.backend=local.") from None
-    started = not ray.is_initialized()  # a Ray instance we start is shut down at the end; a running one is left alone
-    if started: ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
+    started = _ray_connect(ray, cfg, workers)  # a connection we made is closed at the end; an existing one is left alone
     from research_controller import selfplay as this  # the actors import the class from the installed module
-    threads = max(1, (os.cpu_count() or 1)//workers)
+    threads = 0 if ray_address(cfg) else max(1, (os.cpu_count() or 1)//workers)
+    k = cfg.selfplay.batch_episodes
     Actor = ray.remote(num_cpus=1)(this._Player)
     actors = [Actor.remote(cfg, checkpoint, reward_fn, slm_loader, None, threads) for _ in range(workers)]
-    todo, pending = list(jobs), {}
     try:
+        if k > 1:
+            streams = [a.play_many.options(num_returns='streaming').remote(jobs[w::workers], k) for w, a in enumerate(actors)]
+            while streams:
+                ready, _ = ray.wait(streams, num_returns=1)
+                try: ref = next(ready[0])
+                except StopIteration: streams.remove(ready[0]); continue
+                yield ray.get(ref)
+            return
+        todo, pending = list(jobs), {}
         for a in actors:
             if todo: j = todo.pop(0); pending[a.play.remote(*j)] = a
         while pending:
