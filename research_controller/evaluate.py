@@ -668,6 +668,7 @@ def judge_agreement(results:list, # SuiteResults on one suite (several controlle
 
 # %% ../nbs/13_evaluate.ipynb #d4bef299
 def _fmt_rho(r:dict) -> str:
+    if r['items'] < 3: return f"— ({r['items']} item{'' if r['items'] == 1 else 's'}: too few)"
     if math.isnan(r['rho']): return '— (a constant score)'
     return f"{r['rho']:+.2f}" + ('' if math.isnan(r['ci_lo']) else f" [{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}]")
 
