@@ -10,6 +10,7 @@ real server. Prints tried / held / failed per group; every failure is listed wit
 code), or a correct result; and nothing committed was lost. The fast, deterministic versions of these checks are
 tests in tests/; this script repeats them in bulk and at random moments. Results: benchmarks/results/faults.json.
 """
+from research_controller.config import atomic_write_json
 import argparse, http.client, json, os, random, shutil, signal, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
@@ -253,8 +254,7 @@ def main(argv=None):
             print(f"{name:9s} tried {g.tried:3d}  held {g.held:3d}  failed {g.tried - g.held:3d}   ({time.time() - t:.0f} s)", flush=True)
             for f in g.failures: print(f"    FAILED {f}")
     res = dict(groups=rows, tried=sum(r['tried'] for r in rows), held=sum(r['held'] for r in rows), seconds=round(time.time() - t0, 1))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(a.out).with_suffix('.tmp'); tmp.write_text(json.dumps(res, indent=1) + '\n'); os.replace(tmp, a.out)
+    atomic_write_json(a.out, res)
     print(f"total     tried {res['tried']:3d}  held {res['held']:3d}  failed {res['tried'] - res['held']:3d}   -> {a.out}")
     return 0 if res['tried'] == res['held'] else 1
 

@@ -13,6 +13,7 @@ Usage:  python benchmarks/mcts_throughput.py [--reps 3] [--threads 2] [--out ben
 Writes the numbers as JSON (atomically) and prints a table. Needs the default SLM (cached by `load_slm`).
 """
 from __future__ import annotations
+from research_controller.config import atomic_write_json
 import argparse, json, os, platform, statistics, sys, tempfile, time
 from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('HF_DATASETS_OFFLINE', '1'); os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
@@ -146,8 +147,7 @@ def main(argv=None):
     print(f"leaf_batch 8 vs 1 at 32 sims: {batch_speedup:.2f}x sims/s wall, {cpu_batch_speedup:.2f}x CPU (target >= 2x)")
     print(f"load average during the run: {os.getloadavg()} on {os.cpu_count()} cores (CPU-time ratios are the robust ones on a shared machine)")
     for b, r in train_rows.items(): print(f"training, {b} body: {r['samples_per_s']:.0f} samples/s (batch {r['batch_size']})")
-    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + '.tmp'); tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out)
+    out = atomic_write_json(a.out, res)
     print(f"wrote {out}")
     return res
 

@@ -11,6 +11,7 @@ when they run past --timeout (counted as killed, reported apart), and *survived*
 either a gap in the tests or a harmless change (an equivalent mutant); the JSON lists every survivor with its
 cell and line so a reader can judge which. Results: benchmarks/results/mutation.json.
 """
+from research_controller.config import atomic_write_json
 import argparse, ast, copy, json, os, random, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
@@ -123,8 +124,7 @@ def main(argv=None):
             print(f"{stem}: {killed}/{n} killed ({killed / max(n, 1):.0%}) of {len(ms)} sites, {time.time() - t0:.0f} s")
     tested = sum(v['tested'] for v in report['per_notebook'].values()); killed = sum(v['killed'] for v in report['per_notebook'].values())
     report.update(tested=tested, killed=killed, kill_share=round(killed / max(tested, 1), 4), seconds=round(time.time() - t_all, 1))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(a.out).with_suffix('.json.tmp'); tmp.write_text(json.dumps(report, indent=1) + '\n'); os.replace(tmp, a.out)
+    atomic_write_json(a.out, report)
     print(f"\nkilled {killed} of {tested} mutants ({report['kill_share']:.0%}); survivors:")
     for stem, v in report['per_notebook'].items():
         for s in v['survived']: print(f"  {stem} cell {s['cell']}: {s['mutation']}")

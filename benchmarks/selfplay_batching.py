@@ -25,6 +25,7 @@ Usage:  python benchmarks/selfplay_batching.py [--k 16] [--tiny-episodes 16] [--
 Writes the numbers as JSON (atomically) and prints a table. The default SLM must be cached (`load_slm`).
 """
 from __future__ import annotations
+from research_controller.config import atomic_write_json
 import argparse, json, os, platform, statistics, tempfile, time
 from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('HF_DATASETS_OFFLINE', '1'); os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
@@ -130,8 +131,7 @@ def main(argv=None):
     res = dict(benchmark='selfplay_batching', k=a.k, threads=a.threads, reward=a.reward, overrides=a.set, results=results,
                load_average=os.getloadavg(), machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(), torch=torch.__version__),
                target='batched positions/s >= 4x sequential')
-    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + '.tmp'); tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out)
+    out = atomic_write_json(a.out, res)
     print(f"wrote {out}")
     return res
 
