@@ -6,7 +6,7 @@ Docs: https://research-controller.github.io/research_controller/cli.html.md"""
 
 # %% ../nbs/17_cli.ipynb #ac4bf891
 from __future__ import annotations
-import argparse, contextlib, getpass, io, json, logging, math, os, sys, textwrap, traceback
+import argparse, contextlib, functools, getpass, io, json, logging, math, os, sys, textwrap, traceback
 from enum import IntEnum
 from pathlib import Path
 from typing import Callable, Collection, Sequence
@@ -16,7 +16,8 @@ from .registry import ControllerRegistry, RegistryError, version_name
 # %% auto #0
 __all__ = ['EXIT_CODES', 'log', 'LOG_LEVELS', 'COMMANDS', 'CYCLE_EXIT', 'ExitCode', 'exit_code_table', 'CLIError', 'command',
            'slm_commands', 'build_parser', 'trace_rows', 'run_generate', 'cycle_exit_code', 'parse_budgets',
-           'with_eval_flags', 'version_rows', 'other_rc_processes', 'cores_busy', 'main', 'run_main']
+           'with_eval_flags', 'baseline_version', 'version_rows', 'other_rc_processes', 'cores_busy', 'main',
+           'run_main']
 
 # %% ../nbs/17_cli.ipynb #3a7c935e
 class ExitCode(IntEnum):
@@ -249,15 +250,33 @@ def _cmd_evaluate(ns, cfg):
 def _cycle_args(p):
     p.add_argument('--dry-run', action='store_true', help="decide but do not promote")
     p.add_argument('--suite', default=None, metavar='NAME', help="benchmark suite the challenger is judged on: default | research (overrides evaluate.suite)")
+    p.add_argument('--baseline-version', default=None, metavar='vN',
+                   help="the champion to beat and to train from: a registered version such as v3 (default: the active version)")
 
 @command('cycle', "one online-learning cycle: self-play, train a challenger, benchmark it, promote it if it wins", _cycle_args, loads='slm')
 def _cmd_cycle(ns, cfg):
     from research_controller.promotion import cycle
-    out = cycle(with_eval_flags(cfg, ns), dry_run=ns.dry_run); _show(out)
+    cfg = with_eval_flags(cfg, ns)
+    kw = {} if ns.baseline_version is None else dict(baseline_version=baseline_version(cfg, ns.baseline_version))
+    out = cycle(cfg, dry_run=ns.dry_run, **kw); _show(out)
     rep, code = out.report, cycle_exit_code(out.report.status)
     if rep.status == 'skipped': _note(ns, 'skipped', ' '.join(rep.decision.get('reasons') or ['skipped']).removeprefix('SKIP '))
     elif code != ExitCode.OK: _note(ns, 'error', rep.error or f"the cycle ended with status {rep.status!r}")
     return code
+
+# %% ../nbs/17_cli.ipynb #255e206e
+def baseline_version(cfg:Config, # the config (`promotion.registry_dir` names the registry)
+                     version:str, # the champion: a registered version, 'v3', 'v0003' or '3'
+                    ) -> str:
+    "The registry's name of `version` (self-play plays it, the challenger trains from and must beat it); a `CLIError` if it is not registered."
+    try: v = version_name(version)
+    except RegistryError as e: raise CLIError(f"--baseline-version: {e}") from None
+    reg = _registry(cfg)
+    if reg is None or v not in reg.versions():
+        have = ', '.join(reg.versions()) if reg is not None and reg.versions() else 'none'
+        raise CLIError(f"--baseline-version {version!r}: there is no version {v} in registry {str(run_path(cfg, cfg.promotion.registry_dir))!r} "
+                       f"(registered: {have}); see rc versions.", code=ExitCode.REGISTRY)
+    return v
 
 # %% ../nbs/17_cli.ipynb #fa93122b
 def _registry(cfg, must_exist:bool=True):
@@ -340,6 +359,25 @@ def _cmd_rollback(ns, cfg):
     ev = reg.rollback(v, who=who, why=ns.why)
     _print(f"active: {ev['version']} (was {ev['previous']}), event {ev['seq']} by {who}: {ns.why}")
     if ev.get('repaired'): _print(f"repaired: {ev['repaired']}; active.json rewritten from the history")
+    return ExitCode.OK
+
+# %% ../nbs/17_cli.ipynb #bfc45111
+def _cases_args(p):
+    p.add_argument('prompt', help="the new prompt")
+    p.add_argument('-k', type=int, default=None, help="how many cases (default cases.k)")
+    p.add_argument('--task', default=None, help="only cases of this task (squad, gsm8k, nq_open, wikitext)")
+
+@command('cases', "the past cases nearest a prompt, and the macro-actions played there", _cases_args, loads='torch')
+def _cmd_cases(ns, cfg):
+    from research_controller.cases import CaseIndex, CaseStoreError, default_embedder, format_cases
+    path = run_path(cfg, cfg.cases.path)
+    if not path.exists():
+        raise CLIError(f"there is no case index at {str(path)!r} yet: rc cycle rebuilds it after each cycle (or set cases.path to an existing one).")
+    if ns.k is not None and ns.k < 1: raise CLIError(f"-k must be >= 1, got {ns.k}.")
+    try: hits = CaseIndex.load(path, default_embedder(cfg)).nearest(ns.prompt, ns.k or cfg.cases.k, cfg.cases.min_similarity,
+                                                                  {'task': ns.task} if ns.task else None)
+    except CaseStoreError as e: raise CLIError(str(e)) from None
+    _print(format_cases(hits, ns.prompt) if hits else f"no case in {str(path)!r} is similar enough (cases.min_similarity = {cfg.cases.min_similarity}).")
     return ExitCode.OK
 
 # %% ../nbs/17_cli.ipynb #2799e644

@@ -16,10 +16,10 @@ import yaml
 __all__ = ['TASK_CHOICES', 'SECTIONS', 'FILE_MODE', 'DIR_MODE', 'setting', 'ConfigError', 'SLMConfig', 'FeaturesConfig',
            'MacroConfig', 'EngineConfig', 'BaselinesConfig', 'MCTSConfig', 'BufferConfig', 'NetworkConfig',
            'TrainConfig', 'RewardsConfig', 'TasksConfig', 'SelfPlayConfig', 'EvaluateConfig', 'PromotionConfig',
-           'ServeConfig', 'PathsConfig', 'Config', 'config_to_dict', 'parse_overrides', 'load_config', 'render_yaml',
-           'project_root', 'run_path', 'data_path', 'config_hash', 'replace_config', 'current_umask', 'apply_mode',
-           'make_dir', 'make_temp_dir', 'atomic_write', 'atomic_write_text', 'atomic_write_bytes', 'sha256_file',
-           'atomic_write_json']
+           'ServeConfig', 'CasesConfig', 'PathsConfig', 'Config', 'config_to_dict', 'parse_overrides', 'load_config',
+           'render_yaml', 'project_root', 'run_path', 'data_path', 'config_hash', 'replace_config', 'current_umask',
+           'apply_mode', 'make_dir', 'make_temp_dir', 'atomic_write', 'atomic_write_text', 'atomic_write_bytes',
+           'sha256_file', 'atomic_write_json']
 
 # %% ../nbs/00_config.ipynb #b5701532
 def setting(default, # the default value (a list or dict is copied for every instance)
@@ -83,6 +83,9 @@ class MacroConfig:
     resample_temperature: float = setting(1.0, "sampling temperature of RESAMPLE (higher than `temperature` to explore)", lo=0.01, hi=10.0)
     top_p: float = setting(0.95, "nucleus mass kept when sampling", lo=0.01, hi=1.0)
     top_k: int = setting(0, "keep only the top-k tokens when sampling; 0 = off", unit='tokens', lo=0, hi=1000000)
+    thought_style: str = setting('text', "how a hidden thought is delimited: plain-text phrases the SLM already reads (below; measured better: benchmarks/thought_delimiters.py), or the special tokens `slm.thought_open`/`thought_close`, new to the frozen SLM", choices=['tokens', 'text'])
+    thought_open_text: str = setting('', "phrase that opens a thought when thought_style = text ('' = none: the thought is what the SLM writes first; hidden from the answer with the thought)", empty=True)
+    thought_close_text: str = setting('\n\nSo the answer in a few words is', "phrase that closes a thought when thought_style = text; the visible answer follows it")
 
 # %% ../nbs/00_config.ipynb #6b065d78
 @dataclass(frozen=True)
@@ -260,6 +263,27 @@ class ServeConfig:
     request_timeout_s: float = setting(120.0, "a request running longer gets 504", unit='s', lo=0.1, hi=86400.0)
     max_concurrency: int = setting(4, "generations running at once; more requests wait", unit='requests', lo=1, hi=1024)
     batch_window_ms: float = setting(0.0, "decoding steps of concurrent requests arriving within this window run as one batched SLM call; 0 = each request decodes alone (measured faster on 2 CPU cores: benchmarks/serve_load.py)", unit='ms', lo=0.0, hi=1000.0)
+    trajectory_log: Optional[str] = setting('served/trajectories.sqlite', "served-trajectory log: one SQLite row per served generation (visible text, macro trace with each decision's features, controller and version, feedback); relative paths live under paths.runs_dir; null = no log (and POST /feedback is refused)")
+    trajectory_log_max_records: int = setting(10000, "the served-trajectory log keeps at most this many generations; the oldest are dropped", unit='records', lo=1, hi=10**9)
+    trajectory_log_max_bytes: int = setting(64 * 2**20, "the served-trajectory log keeps at most this many bytes of record JSON (feedback included); the oldest are dropped", unit='bytes', lo=1024, hi=2**40)
+    log_prompts: bool = setting(True, "store each served prompt (or chat messages) in the served-trajectory log, so a cycle can learn from it; false = only a hash of it")
+    log_thoughts: bool = setting(False, "store hidden thought text in the served-trajectory log (an operator's opt-in; never in process logs, never in answers that did not ask)")
+    canary_version: Optional[str] = setting(None, "challenger served to a share of the requests that name no model: a registry version such as 'v3' (or a baseline name); null = no canary")
+    canary_share: float = setting(0.1, "share of the requests naming no model (none, '' or 'active') sent to serve.canary_version; the bandit's starting share", lo=0.0, hi=1.0)
+    canary_bandit: bool = setting(False, "adapt the canary's share from feedback ratings by Thompson sampling (a Beta posterior per version), within [serve.canary_share_min, serve.canary_share_max]")
+    canary_share_min: float = setting(0.05, "lowest share the bandit may give the canary", lo=0.0, hi=1.0)
+    canary_share_max: float = setting(0.5, "highest share the bandit may give the canary", lo=0.0, hi=1.0)
+    canary_seed: int = setting(0, "seed of the canary routing draws and of the bandit's posterior samples", lo=0, hi=2**32 - 1)
+
+# %% ../nbs/00_config.ipynb #438a433b
+@dataclass(frozen=True)
+class CasesConfig:
+    "The case index: past prompts and the best trajectory on each, searched by MiniLM cosine."
+    path: str = setting('cases', "case-index folder (relative paths live under paths.runs_dir); rebuilt from the replay buffer at the end of every cycle")
+    k: int = setting(5, "nearest cases rc cases shows", unit='cases', lo=1, hi=1000)
+    min_similarity: Optional[float] = setting(0.3, "cases less similar (cosine) than this are not shown; null = all k", lo=-1.0, hi=1.0)
+    min_reward: Optional[float] = setting(None, "index only cases whose best reward is at least this; null = all")
+    rebuild: bool = setting(True, "rebuild the case index at the end of every cycle that is not a dry run")
 
 # %% ../nbs/00_config.ipynb #97bd2f39
 @dataclass(frozen=True)
@@ -287,6 +311,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    cases: CasesConfig = field(default_factory=CasesConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 SECTIONS = tuple(f.name for f in fields(Config))

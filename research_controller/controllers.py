@@ -21,10 +21,10 @@ from .rewards import Judge, RewardCalculator, gsm8k_extract, normalize_answer
 from .registry import ControllerRegistry, RegistryError, version_name
 
 # %% auto #0
-__all__ = ['BASELINES', 'Controller', 'GreedyBaseline', 'SamplingBaseline', 'GreedyStopRule', 'BestOfN', 'short_answer',
-           'SelfConsistency', 'ThresholdController', 'make_controller', 'PolicyController', 'EnvState', 'finished_key',
-           'SearchEnv', 'ValueEnv', 'MCTSController', 'checkpoint_version', 'load_controller', 'baseline_names',
-           'registry_if_exists', 'controller_key', 'resolve_controller', 'generate_text']
+__all__ = ['BASELINES', 'Controller', 'GreedyBaseline', 'SamplingBaseline', 'GreedyStopRule', 'ThinkThenAnswer', 'BestOfN',
+           'short_answer', 'SelfConsistency', 'ThresholdController', 'make_controller', 'PolicyController', 'EnvState',
+           'finished_key', 'SearchEnv', 'ValueEnv', 'MCTSController', 'checkpoint_version', 'load_controller',
+           'baseline_names', 'registry_if_exists', 'controller_key', 'resolve_controller', 'generate_text']
 
 # %% ../nbs/10_controllers.ipynb #452c9141
 def _budget(engine:Engine, max_new_tokens) -> int:
@@ -127,6 +127,34 @@ class GreedyStopRule(GreedyBaseline):
         t = r.text.lstrip(); m = _SENTENCE_END.search(t)
         if m: r.text = t[:m.end()].rstrip()
         return r
+
+# %% ../nbs/10_controllers.ipynb #7618509b
+_LEAD = ':;,- \t\n'
+
+class ThinkThenAnswer(GreedyStopRule):
+    "Greedy: open a thought, write until its first sentence end, close it, then answer until a sentence end."
+    name = 'think_answer'
+    def __init__(self, cfg:Config|None=None, answer_reserve:int=12): # tokens kept for the visible answer: the thought ends early if needed
+        super().__init__(cfg); self.answer_reserve = int(answer_reserve)
+    def decide(self, engine:Engine, s:GenState) -> tuple:
+        "THINK_BEGIN first; inside the thought CONTINUE to a sentence end (or the answer's reserve), then THINK_END; after it, the stop rule."
+        m, ms = engine.legal_mask(s), s.ms
+        if ms.n_thoughts == 0 and m[Action.THINK_BEGIN] and ms.left > ms.open_cost + ms.close_cost + self.answer_reserve:
+            return Action.THINK_BEGIN, dict(why="think first")
+        if ms.in_thought:
+            spans = engine.thought_spans(s.tip)
+            th = engine.tok.decode(spans[-1], skip_special_tokens=True).strip() if spans else ''
+            if th and _SENTENCE_END.search(th): return Action.THINK_END, dict(why="thought done")
+            if not m[Action.CONTINUE] or ms.left - ms.close_cost <= self.answer_reserve: return Action.THINK_END, dict(why="answer reserve")
+            return Action.CONTINUE, None
+        text = engine.tok.decode(engine.visible_ids(s.tip), skip_special_tokens=True).strip(_LEAD)
+        if (text and _SENTENCE_END.search(text)) or not m[Action.CONTINUE]:
+            if m[Action.STOP]: return Action.STOP, dict(why="sentence end")
+        return Action.CONTINUE, None
+    def finish(self, r:GenerationResult, notes:dict) -> GenerationResult:
+        "The answer without the punctuation the close phrase invites, cut after its first sentence end."
+        r.text = r.text.lstrip(_LEAD)
+        return super().finish(r, notes)
 
 # %% ../nbs/10_controllers.ipynb #f5ccfded
 class BestOfN(Controller):
@@ -271,7 +299,7 @@ def decide(self:ThresholdController, engine:Engine, s:GenState) -> tuple:
     return Action.CONTINUE, None
 
 # %% ../nbs/10_controllers.ipynb #8b46c425
-BASELINES = {'greedy': GreedyBaseline, 'greedy_stop': GreedyStopRule, 'sampling': SamplingBaseline, 'best_of_n': BestOfN,
+BASELINES = {'greedy': GreedyBaseline, 'greedy_stop': GreedyStopRule, 'think_answer': ThinkThenAnswer, 'sampling': SamplingBaseline, 'best_of_n': BestOfN,
              'self_consistency': SelfConsistency, 'threshold': ThresholdController}
 
 # %% ../nbs/10_controllers.ipynb #d382ffff

@@ -7,16 +7,17 @@ Docs: https://research-controller.github.io/research_controller/engine.html.md""
 # %% ../nbs/04_engine.ipynb #aba325eb
 from __future__ import annotations
 import logging, math, time
+from collections import deque
 from dataclasses import dataclass, field, asdict
 from typing import Callable, Optional, Sequence
 import numpy as np
 from fastcore.basics import patch
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
-from .config import Config, ConfigError, config_hash, load_config
+from .config import Config, ConfigError, MacroConfig, config_hash, load_config
 from .slm import encode_prompt, load_slm, model_fingerprint
 from .features import (FEATURE_SCALARS, N_SCALARS, RunningStats, assemble_features, cosine_drift,
-                                          feature_dim, feature_names, feature_summary, get_embedder, logit_stats, strip_thoughts)
+                                          feature_dim, feature_names, feature_summary, get_embedder, logit_stats)
 from .macro_actions import (ACTION_NAMES, N_ACTIONS, Action, MacroActionError, MacroState, Plan,
                                                apply_plan, check_action, plan_action)
 from .macro_actions import legal_mask as macro_legal_mask
@@ -24,7 +25,8 @@ from .macro_actions import legal_mask as macro_legal_mask
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ATTENTION_TYPES', 'Segment', 'GenState', 'GenerationResult', 'attention_layout', 'Engine', 'get_engine']
+__all__ = ['log', 'TAG_VISIBLE', 'TAG_THOUGHT', 'TAG_OPEN', 'TAG_CLOSE', 'TAG_EOS', 'ATTENTION_TYPES', 'Segment', 'GenState',
+           'GenerationResult', 'attention_layout', 'thought_delimiters', 'Engine', 'get_engine']
 
 # %% ../nbs/04_engine.ipynb #2c0574b0
 class _BufferLayer(CacheLayerMixin):
@@ -49,11 +51,13 @@ class _BufferCache(Cache):
         super().__init__(layers=[_BufferLayer(self, i) for i in range(buf.shape[0])])
 
 # %% ../nbs/04_engine.ipynb #d8086191
+TAG_VISIBLE, TAG_THOUGHT, TAG_OPEN, TAG_CLOSE, TAG_EOS = range(5)  # what a generated token is: answer text, thought content, delimiters, end
+
 class Segment:
     "An immutable span of tokens with its K/V and the running statistics at its end; `parent` links to the prefix."
     __slots__ = ('parent', 'ids', 'kv', 'kind', 'start', 'end', 'logits', 'entropy', 'varentropy', 'logit_gap', 'stats',
-                 'hsum', 'hsum_vis', 'n_vis', 'lp_sum', 'lp_n', 'ms', '_gen_ids', 'drift')
-    def __init__(self, parent, ids, kv, kind, logits, ls, stats, hsum, hsum_vis, n_vis, lp_sum, lp_n, ms):
+                 'hsum', 'hsum_vis', 'n_vis', 'lp_sum', 'lp_n', 'ms', '_gen_ids', 'drift', 'tags', '_gen_tags')
+    def __init__(self, parent, ids, kv, kind, logits, ls, stats, hsum, hsum_vis, n_vis, lp_sum, lp_n, ms, tags=None):
         self.parent, self.ids, self.kv, self.kind = parent, ids, kv, kind
         self.start = parent.end if parent is not None else 0
         self.end = self.start + len(ids)
@@ -62,6 +66,7 @@ class Segment:
         self.stats, self.hsum, self.hsum_vis, self.n_vis = stats, hsum, hsum_vis, n_vis
         self.lp_sum, self.lp_n, self.ms, self._gen_ids = lp_sum, lp_n, ms, None
         self.drift = None  # topic drift of the visible text up to here, computed on demand (`Engine._drifts`)
+        self.tags, self._gen_tags = tuple(tags) if tags is not None else (TAG_VISIBLE,) * len(ids), None  # what each token is (`TAG_*`)
 
     def chain(self) -> list['Segment']:
         "Segments from the prompt to this one."
@@ -74,6 +79,12 @@ class Segment:
         if self._gen_ids is None:
             self._gen_ids = [] if self.parent is None else self.parent.gen_ids() + list(self.ids)
         return self._gen_ids
+
+    def gen_tags(self) -> list[int]:
+        "The `TAG_*` of every generated token, aligned with `gen_ids` (cached)."
+        if self._gen_tags is None:
+            self._gen_tags = [] if self.parent is None else self.parent.gen_tags() + list(self.tags)
+        return self._gen_tags
 
     def __repr__(self): return f"Segment({self.kind}, tokens {self.start}:{self.end})"
 
@@ -122,6 +133,18 @@ def attention_layout(mc) -> tuple:
     if 'sliding_attention' in lt and not w: raise ConfigError("the model has sliding-attention layers but no sliding_window in its config; fix the model config.")
     return lt, (int(w) if 'sliding_attention' in lt else None)
 
+# %% ../nbs/04_engine.ipynb #358d5e41
+def thought_delimiters(tok, # a tokenizer from `load_slm` / `tiny_slm` (it has the thought tokens)
+                       mc:MacroConfig, # `thought_style`, `thought_open_text`, `thought_close_text`
+                      ) -> tuple[tuple, tuple]:
+    "Token ids (open, close) that delimit a thought: the special tokens, or the plain-text phrases."
+    if mc.thought_style == 'tokens': return (tok.thought_open_id,), (tok.thought_close_id,)
+    op = tuple(tok(mc.thought_open_text, add_special_tokens=False)['input_ids']) if mc.thought_open_text else ()  # may be empty
+    cl = tuple(tok(mc.thought_close_text, add_special_tokens=False)['input_ids']) if mc.thought_close_text else ()
+    if not cl: raise ConfigError("macro.thought_close_text is empty, but macro.thought_style = 'text' needs a phrase there (it is where the "
+                                 "answer starts). Fix: give a short phrase, or set macro.thought_style: tokens.")
+    return op, cl
+
 # %% ../nbs/04_engine.ipynb #c515d6a9
 class Engine:
     "Incremental, batched, forkable generation of a frozen SLM steered by macro-actions."
@@ -138,6 +161,7 @@ class Engine:
         self.max_positions = getattr(mc, 'max_position_embeddings', 1 << 30)
         self.device, self.dtype = model.device, model.dtype
         self.open_id, self.close_id = tok.thought_open_id, tok.thought_close_id
+        self.open_seq, self.close_seq = thought_delimiters(tok, self.cfg.macro)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self.eos_ids = {int(e) for e in [*eos, tok.eos_token_id] if e is not None}
@@ -229,7 +253,7 @@ def _prefill(self:Engine, prompts, budget, seeds, temperature, top_p, top_k):
     states = []
     for b, (p, x, off) in enumerate(zip(prompts, ids, offs)):
         ls = tuple(float(st[k][b]) for k in ('entropy', 'varentropy', 'logit_gap'))
-        ms = MacroState(budget=budget)
+        ms = MacroState(budget=budget, open_cost=len(self.open_seq), close_cost=len(self.close_seq))
         seg = Segment(None, tuple(x), buf[:, :, b, :, off:].clone(), 'prompt', logits[b].clone(), ls,
                       RunningStats().push(ls[0]), h[b, off:].float().sum(0), torch.zeros(self.hidden_size), 0, 0.0, 0, ms)
         s = GenState()
@@ -269,7 +293,7 @@ def tokens_spent(self:Engine, s:GenState) -> int:
 @patch
 def visible_ids(self:Engine, tip:Segment) -> list[int]:
     "Generated ids outside thoughts, without end-of-sequence tokens."
-    return [t for t in strip_thoughts(tip.gen_ids(), self.open_id, self.close_id) if t not in self.eos_ids]
+    return [t for t, g in zip(tip.gen_ids(), tip.gen_tags()) if g == TAG_VISIBLE]
 
 # %% ../nbs/04_engine.ipynb #5d2026ff
 @patch
@@ -366,14 +390,19 @@ class _Row:
     lp_n: int = 0
     logits: Optional[torch.Tensor] = None
     ls: tuple = ()
+    forced: deque = field(default_factory=deque)  # (id, tag) still to feed: the plan's delimiters, or a close under way
+    close_seq: tuple = ()  # the close delimiter's ids
+    tags: list = field(default_factory=list)  # `TAG_*` of each token in `toks`
 
     def next_kind(self):
-        "('forced', id) / ('sample', None) / ('end', None) for the next token."
-        p, k = self.plan, len(self.toks)
-        if k < len(p.head): return 'forced', p.head[k]
+        "('forced', (id, tag)) / ('sample', None) / ('end', None) for the next token."
+        p = self.plan
+        if self.forced: return 'forced', self.forced[0]
         if self.eos: return 'end', None
         if self.n_sampled < p.n_sample: return 'sample', None
-        if p.close_after and p.thought and self.inside: return 'forced', 'close'
+        if p.close_after and p.thought and self.inside:
+            self.forced.extend((t, TAG_CLOSE) for t in self.close_seq)
+            return 'forced', self.forced[0]
         return 'end', None
 
 # %% ../nbs/04_engine.ipynb #c2008224
@@ -412,12 +441,12 @@ def _run(self:Engine, rows:list[_Row]) -> None:
         if off: buf[:, :, b, :, :off].zero_(); mask[b, :, :, :off] = self.neg
         for seg in r.prefix.chain(): buf[:, :, b, :, off + seg.start:off + seg.end] = seg.kv
         self.counters['prefix_copied'] += r.prefix.end
-        r.inside, r.hsum = r.plan.base.in_thought, torch.zeros(self.hidden_size)
+        r.inside, r.hsum = r.plan.base.in_thought or r.plan.action == Action.THINK_BEGIN, torch.zeros(self.hidden_size)
+        r.logits, r.ls = r.prefix.logits, (r.prefix.entropy, r.prefix.varentropy, r.prefix.logit_gap)  # kept when nothing is forwarded (an empty open)
         r.hvis = torch.zeros(self.hidden_size)
     pos = torch.tensor([[r.prefix.end] for r in rows], device=self.device)
     cache = _BufferCache(buf, P)
     x, lp, _ = self._next_stats(torch.stack([r.prefix.logits for r in rows]))
-    ids = {'open': self.open_id, 'close': self.close_id}
     for j in range(S):
         kinds = [r.next_kind() for r in rows]
         for r, (k, _) in zip(rows, kinds):
@@ -431,17 +460,21 @@ def _run(self:Engine, rows:list[_Row]) -> None:
         samp = [b for b, (k, _) in enumerate(kinds) if k == 'sample' and rows[b].temperature > 0]
         if samp:
             for b, t in zip(samp, self._sample(x[samp].clone(), [rows[b] for b in samp])): toks[b] = t
-        for b, (k, what) in enumerate(kinds):
+        for b, (k, _) in enumerate(kinds):
             r = rows[b]
             if k == 'forced':
-                toks[b] = ids[what]; r.inside = what == 'open'
+                toks[b], g = r.forced.popleft()
+                if g == TAG_OPEN: r.inside = True
+                elif g == TAG_CLOSE: r.inside = False
             elif k == 'sample':
-                t = toks[b]; r.n_sampled += 1
+                t = toks[b]; r.n_sampled += 1; g = TAG_THOUGHT if r.inside else TAG_VISIBLE
                 if not r.inside: r.lp_sum += float(lp[b, t]); r.lp_n += 1
                 if t in self.eos_ids:
-                    r.eos = True
-                    if r.inside: toks[b] = self.close_id; r.inside = False
-            if k != 'end': r.toks.append(toks[b])
+                    r.eos, g = True, TAG_EOS
+                    if r.inside:  # EOS inside a thought closes it instead of ending the answer
+                        toks[b], g, r.inside = self.close_seq[0], TAG_CLOSE, False
+                        r.forced.extend((x, TAG_CLOSE) for x in self.close_seq[1:])
+            if k != 'end': r.toks.append(toks[b]); r.tags.append(g)
         active = [not r.finished for r in rows]
         cache.pos = P + j
         h = self.model.model(input_ids=torch.tensor(toks, device=self.device)[:, None], attention_mask=self._masks(mask[..., :P + j + 1], P + j),
@@ -454,10 +487,8 @@ def _run(self:Engine, rows:list[_Row]) -> None:
         ent, ve, gp = st['entropy'].tolist(), st['varentropy'].tolist(), st['logit_gap'].tolist()
         for b, r in enumerate(rows):
             if not active[b]: continue
-            t = r.toks[-1]
             r.ent.append(ent[b]); r.hsum += hf[b]
-            if not r.inside and t not in self.eos_ids and t not in (self.open_id, self.close_id):
-                r.hvis += hf[b]; r.n_vis += 1
+            if r.tags[-1] == TAG_VISIBLE: r.hvis += hf[b]; r.n_vis += 1
             r.logits, r.ls = logits[b], (ent[b], ve[b], gp[b])
     for b, r in enumerate(rows):
         n, pre = len(r.toks), r.prefix
@@ -465,7 +496,7 @@ def _run(self:Engine, rows:list[_Row]) -> None:
         ms = apply_plan(r.plan, r.n_sampled, r.eos)
         r.seg = Segment(pre, tuple(r.toks), buf[:, :, b, :, P:P + n].clone(), kind, r.logits.clone(), r.ls,
                         pre.stats.extend(r.ent), pre.hsum + r.hsum, pre.hsum_vis + r.hvis, pre.n_vis + r.n_vis,
-                        pre.lp_sum + r.lp_sum, pre.lp_n + r.lp_n, ms)
+                        pre.lp_sum + r.lp_sum, pre.lp_n + r.lp_n, ms, r.tags)
     self.counters['chunks'] += 1
 
 # %% ../nbs/04_engine.ipynb #8face57c
@@ -480,7 +511,8 @@ def step_batch(self:Engine, states:Sequence[GenState], actions:Sequence) -> Sequ
     for s, p in zip(states, plans):
         if p.action == Action.STOP: continue
         temp = mc.resample_temperature if p.mode == 'resample' else s.temperature
-        rows.append(_Row(p, s.tip.parent if p.drop_last else s.tip, s, temp))
+        head = deque((t, TAG_OPEN if h == 'open' else TAG_CLOSE) for h in p.head for t in (self.open_seq if h == 'open' else self.close_seq))
+        rows.append(_Row(p, s.tip.parent if p.drop_last else s.tip, s, temp, forced=head, close_seq=self.close_seq))
     rows.sort(key=lambda r: (r.plan.max_tokens, r.prefix.end))
     for i in range(0, len(rows), self.cfg.engine.batch_size): self._run(rows[i:i + self.cfg.engine.batch_size])
     new = {id(r.state): r.seg for r in rows}
@@ -545,13 +577,16 @@ def decisions(self:Engine, s:GenState) -> list[_Decision]:
 @patch
 def thought_spans(self:Engine, tip:Segment) -> list[list[int]]:
     "Token ids inside each thought span of the kept sequence (thought tokens excluded; an unclosed span included)."
-    spans, cur = [], None
-    for t in tip.gen_ids():
-        if t == self.open_id: cur = []
-        elif t == self.close_id:
+    spans, cur, prev = [], None, None
+    for t, g in zip(tip.gen_ids(), tip.gen_tags()):
+        if g == TAG_OPEN and prev != TAG_OPEN: cur = []
+        elif g == TAG_CLOSE and prev != TAG_CLOSE:
             if cur is not None: spans.append(cur)
             cur = None
-        elif cur is not None: cur.append(t)
+        elif g == TAG_THOUGHT:
+            if cur is None: cur = []  # a thought opened by an empty phrase
+            cur.append(t)
+        prev = g
     if cur is not None: spans.append(cur)
     return spans
 

@@ -873,7 +873,7 @@ def evaluate_controllers(cfg:Config, # `evaluate` (budget, suite), `slm`, `rewar
     return out
 
 # %% ../nbs/13_evaluate.ipynb #f2fb7f8c
-BASELINE_ORDER = ('greedy', 'greedy_stop', 'sampling', 'best_of_n', 'self_consistency', 'threshold')
+BASELINE_ORDER = ('greedy', 'greedy_stop', 'think_answer', 'sampling', 'best_of_n', 'self_consistency', 'threshold')
 
 def default_controller_names(cfg:Config) -> list:
     "The baselines, then 'active' when the registry has an active version."

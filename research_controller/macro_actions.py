@@ -48,6 +48,8 @@ class MacroState:
     reason: Optional[str] = None  # why it ended: 'stop', 'eos' or 'budget'
     n_thoughts: int = 0  # thought spans opened so far
     kept: int = 0  # generated tokens in the current sequence (not counting resampled-away chunks)
+    open_cost: int = 1  # tokens a thought's open delimiter takes (1 special token, or the phrase of `macro.thought_style = text`)
+    close_cost: int = 1  # tokens its close delimiter takes
     prev: Optional['MacroState'] = field(default=None, compare=False, repr=False)
 
     @property
@@ -60,19 +62,19 @@ def _chunk(base:MacroState, mc:MacroConfig, spent:int):
     "(n_sample, close_after) of a chunk extending `base` when `spent` tokens are already spent."
     left = base.budget - spent
     if not base.in_thought: return min(mc.chunk_tokens, left), False
-    n = min(mc.chunk_tokens, mc.max_thought_tokens - base.thought_len, left - 1)
-    return n, (base.thought_len + n >= mc.max_thought_tokens) or (left - n == 1)
+    n = min(mc.chunk_tokens, mc.max_thought_tokens - base.thought_len, left - base.close_cost)
+    return n, (base.thought_len + n >= mc.max_thought_tokens) or (left - n == base.close_cost)
 
 def _why_illegal(ms:MacroState, a:Action, mc:MacroConfig) -> Optional[str]:
     "None when `a` is legal in `ms`, else the reason."
     if ms.done: return f"the episode is over ({ms.reason})"
     if a == Action.CONTINUE:
-        if ms.in_thought and ms.left < 2: return "the last token of budget is reserved for the thought's close token; use THINK_END"
+        if ms.in_thought and ms.left < ms.close_cost + 1: return f"the last {ms.close_cost} token(s) of budget are reserved for the thought's close; use THINK_END"
         return None if ms.left >= 1 else "no token budget left"
     if a == Action.THINK_BEGIN:
         if ms.in_thought: return "a thought is already open (thoughts do not nest)"
         if mc.max_thought_tokens < 1: return "thoughts are disabled (macro.max_thought_tokens = 0)"
-        if ms.left < 2: return f"{ms.left} token(s) of budget left, a thought needs 2 (open and close)"
+        if ms.left < ms.open_cost + ms.close_cost: return f"{ms.left} token(s) of budget left, a thought needs {ms.open_cost + ms.close_cost} (open and close)"
         return None
     if a == Action.THINK_END:
         return None if ms.in_thought else "no thought is open"
@@ -118,7 +120,10 @@ class Plan:
     resamples: int = 0  # resample count the new chunk carries
 
     @property
-    def max_tokens(self) -> int: return len(self.head) + self.n_sample + int(self.close_after)
+    def max_tokens(self) -> int:
+        "Most tokens the engine may forward for this plan (a close after the sampled tokens included)."
+        b = self.base
+        return sum(b.open_cost if h == 'open' else b.close_cost for h in self.head) + self.n_sample + (b.close_cost if self.thought else 0)
 
 # %% ../nbs/03_macro_actions.ipynb #f995c1e0
 def plan_continue(ms:MacroState, mc:MacroConfig) -> Plan:
@@ -162,11 +167,12 @@ def apply_plan(plan:Plan, n_sampled:Optional[int]=None, eos:bool=False) -> Macro
         raise ValueError(f"{a.name} planned {plan.n_sample} sampled tokens; got {n} (fewer only when the last is EOS)")
     if a in (Action.THINK_BEGIN, Action.THINK_END):
         opening = a == Action.THINK_BEGIN
-        s = replace(b, spent=b.spent + 1, kept=b.kept + 1, in_thought=opening, thought_len=0, last='open' if opening else 'close',
+        c = b.open_cost if opening else b.close_cost
+        s = replace(b, spent=b.spent + c, kept=b.kept + c, in_thought=opening, thought_len=0, last='open' if opening else 'close',
                     resamples=0, n_thoughts=b.n_thoughts + opening, prev=b)
-    elif plan.thought:  # a chunk inside a thought; EOS becomes the close token
+    elif plan.thought:  # a chunk inside a thought; EOS becomes the first token of the close
         closes = eos or plan.close_after
-        extra = int(closes and not eos)
+        extra = (b.close_cost - 1 if eos else b.close_cost) if closes else 0
         s = replace(b, spent=b.spent + n + extra, kept=b.kept + n + extra, in_thought=not closes,
                     thought_len=0 if closes else b.thought_len + n, last='chunk', resamples=plan.resamples, prev=b)
     else:

@@ -20,14 +20,15 @@ from .train import open_buffer, train
 from .evaluate import Comparison, SuiteError, SuiteResult, check_pair, compare, evaluate_controllers, get_suite
 from .registry import ControllerRegistry, RegistryError, _now, version_name
 from .controllers import load_controller, resolve_controller
+from .cases import CaseIndex, CaseStoreError, default_embedder
 
 # %% auto #0
 __all__ = ['CYCLE_STAGES', 'CheckResult', 'PromotionCheck', 'PromotionContext', 'ComparableCheck', 'MinItemsCheck', 'GainCheck',
            'ErrorRateCheck', 'LatencyCheck', 'default_checks', 'PromotionDecision', 'PromotionPolicy', 'TrainingReport',
            'make_report', 'write_report', 'load_reports', 'buffer_episode_ids', 'checkpoint_meta',
            'OnlineLearningCoordinator', 'relabel_result', 'CycleRun', 'find_trajectories', 'find_champion',
-           'train_challenger', 'benchmark', 'apply_policy', 'register_and_promote', 'write_cycle_report',
-           'report_table', 'CycleOutcome', 'cycle']
+           'train_challenger', 'benchmark', 'apply_policy', 'register_and_promote', 'rebuild_cases',
+           'write_cycle_report', 'report_table', 'CycleOutcome', 'cycle']
 
 # %% ../nbs/14_promotion.ipynb #db322566
 @dataclass
@@ -436,6 +437,18 @@ def register_and_promote(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
     state = coord.load_state()
     coord.save_state({**state, 'seen': state['seen'] + [i for i in run.ids if i not in set(state['seen'])], 'cycles': state['cycles'] + 1})
 
+# %% ../nbs/14_promotion.ipynb #49f86e45
+def rebuild_cases(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
+    "Stage: rebuild the case index from the replay buffer (`cases.rebuild`; nothing in a dry run); its summary goes to `extra['cases']`."
+    cc = coord.cfg.cases
+    if run.dry_run or not cc.rebuild: return
+    t0 = time.perf_counter()
+    try:
+        idx = CaseIndex(default_embedder(coord.cfg), run_path(coord.cfg, cc.path))
+        run.extra['cases'] = dict(idx.build(coord.buffer_path, min_reward=cc.min_reward), path=str(idx.path))
+    except CaseStoreError as e: run.extra['cases'] = dict(error=str(e))
+    run.times['cases_s'] = round(time.perf_counter() - t0, 3)
+
 # %% ../nbs/14_promotion.ipynb #f8f7d0c7
 def write_cycle_report(coord:OnlineLearningCoordinator, run:CycleRun) -> TrainingReport:
     "Stage: the cycle's `TrainingReport`, written under `promotion.reports_dir` unless a dry run."
@@ -453,7 +466,7 @@ def write_cycle_report(coord:OnlineLearningCoordinator, run:CycleRun) -> Trainin
 CYCLE_STAGES = [('listing the trajectories', find_trajectories), ('finding the champion', find_champion),
                  ('training the challenger', train_challenger), ('benchmarking champion and challenger', benchmark),
                  ('applying the promotion policy', apply_policy), ('registering the challenger', register_and_promote),
-                 ('writing the report', write_cycle_report)]
+                 ('rebuilding the case index', rebuild_cases), ('writing the report', write_cycle_report)]
 
 # %% ../nbs/14_promotion.ipynb #0331aa25
 @patch_to(OnlineLearningCoordinator)
@@ -535,8 +548,9 @@ def cycle(cfg:Config, # the config (all sections)
           progress:bool=True, # progress bars for self-play, training and the benchmark
           dry_run:bool=False, # decide, but register, promote and write nothing
           coordinator:OnlineLearningCoordinator|None=None, # None = OnlineLearningCoordinator(cfg)
+          baseline_version:str|int|None=None, # play, train from and beat this registered version; None = the active one
          ) -> CycleOutcome:
-    "One online-learning cycle: self-play with the active controller, then train, benchmark and gate a challenger."
+    "One online-learning cycle: self-play with the active controller (or `baseline_version`), then train, benchmark and gate a challenger."
     t0, started = time.perf_counter(), _now()
     co = coordinator or OnlineLearningCoordinator(cfg)
     try: co.lock.acquire()
@@ -548,7 +562,7 @@ def cycle(cfg:Config, # the config (all sections)
         try:
             state = co.load_state()
             what = 'reading the active version from the registry'
-            v = co.registry.active()
+            v = co.registry.active() if baseline_version is None else version_name(baseline_version)
             ck = co.registry.checkpoint(v) if v else None
             what = 'playing self-play episodes'
             sp = co.selfplay_fn(cfg, checkpoint=ck, buffer_path=co.buffer_path,
@@ -561,6 +575,6 @@ def cycle(cfg:Config, # the config (all sections)
             if not dry_run: write_report(rep, co.reports_dir, cfg.promotion.lock_timeout_s)
             return CycleOutcome(None, rep, time.perf_counter() - t0)
         spx = {k: getattr(sp, k, None) for k in ('episodes', 'positions', 'mean_reward', 'seconds', 'buffer_path')}
-        rep = co.run_cycle(dry_run=dry_run, progress=progress, extra={'selfplay': spx})  # the lock is re-entrant in this process
+        rep = co.run_cycle(dry_run=dry_run, baseline_version=baseline_version, progress=progress, extra={'selfplay': spx})  # the lock is re-entrant
         return CycleOutcome(sp, rep, time.perf_counter() - t0)
     finally: co.lock.release()

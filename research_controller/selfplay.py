@@ -146,6 +146,7 @@ class Episode:
     task: str|None = None
     seed: int = 0
     seconds: float = 0.0
+    prompt: str|None = None  # the item's prompt (what the case index embeds)
 
     def __repr__(self):
         return (f"Episode(task={self.task!r}, positions={len(self.policies)}, value={self.value:.3f}, "
@@ -181,7 +182,7 @@ def play_selfplay_episode(engine, # the `Engine`
     text, tokens, _ = finished_key(engine, state.gs)
     return Episode(np.stack(X).astype(np.float32), np.stack(M), np.stack(P).astype(np.float32),
                    reward_to_value(rt.total, env.bounds), rt.total, rt.terms, acts, text, tokens,
-                   int(search_tokens), item.get('id'), item.get('task'), int(seed), time.perf_counter() - t0)
+                   int(search_tokens), item.get('id'), item.get('task'), int(seed), time.perf_counter() - t0, item.get('prompt'))
 
 # %% ../nbs/11_selfplay.ipynb #a571f278
 def selfplay_items(cfg:Config, # `selfplay.tasks` and the `tasks` section
@@ -282,7 +283,7 @@ class LockstepEnv(SelfPlayEnv):
 ONE_TOKEN_ACTIONS = (Action.THINK_BEGIN, Action.THINK_END)
 
 def _decode_apart(engine, parents:list, actions:list) -> list:
-    "`engine.expand(parents, actions)`, with the one-token moves decoded in a batch of their own."
+    "`engine.expand(parents, actions)`, with the thought-delimiter moves decoded in a batch of their own."
     groups = [[i for i, a in enumerate(actions) if (a in ONE_TOKEN_ACTIONS) == short] for short in (False, True)]
     out = [None]*len(parents)
     for g in groups:
@@ -505,7 +506,7 @@ def default_buffer_path(cfg:Config) -> Path:
 def _meta(ep:Episode, eid:str, version:str, fp:str, chash:str, i:int) -> dict:
     return dict(episode_id=eid, controller_version=version, slm_fingerprint=fp, reward=ep.reward, value=ep.value,
                 reward_terms=ep.terms, task=ep.task, prompt_id=ep.item_id, seed=ep.seed, index=i, actions=ep.actions,
-                tokens=ep.tokens, search_tokens=ep.search_tokens, text=ep.text, config_hash=chash)
+                tokens=ep.tokens, search_tokens=ep.search_tokens, text=ep.text, config_hash=chash, prompt=ep.prompt)
 
 def run_selfplay(cfg:Config, # the config (`selfplay`, `mcts`, `buffer`, `macro`, ...)
                  checkpoint:str|Path|None=None, # policy/value checkpoint guiding the search; None = uniform priors, value 0

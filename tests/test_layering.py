@@ -8,12 +8,12 @@ PKG = Path(research_controller.__file__).resolve().parent
 NBS = PKG.parent/'nbs'
 
 def notebook_order() -> dict:
-    "Module name -> notebook number, read from each numbered notebook's `#| default_exp`."
+    "Module name -> notebook number ('09', '09a', '10': compared as strings), read from each numbered notebook's `#| default_exp`."
     out = {}
-    for nb in sorted(NBS.glob('[0-9][0-9]_*.ipynb')):
+    for nb in sorted(NBS.glob('[0-9][0-9]*_*.ipynb')):
         m = re.search(r'#\|\s*default_exp\s+(\w+)', nb.read_text(encoding='utf-8'))
         assert m, f"{nb.name} has no '#| default_exp' cell"
-        out[m.group(1)] = int(nb.name[:2])
+        out[m.group(1)] = nb.name.split('_')[0]
     return out
 
 def package_imports(source:str, mod:str) -> set:
