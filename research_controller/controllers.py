@@ -6,7 +6,7 @@ Docs: https://research-controller.github.io/research_controller/controllers.html
 
 # %% ../nbs/10_controllers.ipynb #c5b7869c
 from __future__ import annotations
-import dataclasses, hashlib, math, re, time
+import dataclasses, hashlib, json, math, re, time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -17,14 +17,15 @@ from .macro_actions import ACTION_NAMES, N_ACTIONS, Action
 from .engine import Engine, GenState, GenerationResult, Segment, get_engine
 from .mcts import MCTS
 from .network import CheckpointError, PolicyValueNet, load_checkpoint, make_evaluator
-from .rewards import Judge, RewardCalculator, gsm8k_extract, normalize_answer
+from .rewards import Judge, RewardCalculator, asset_path, gsm8k_extract, normalize_answer
 from .registry import ControllerRegistry, RegistryError, version_name
 
 # %% auto #0
-__all__ = ['BASELINES', 'Controller', 'GreedyBaseline', 'SamplingBaseline', 'GreedyStopRule', 'ThinkThenAnswer', 'BestOfN',
-           'short_answer', 'SelfConsistency', 'ThresholdController', 'make_controller', 'PolicyController', 'EnvState',
-           'finished_key', 'SearchEnv', 'ValueEnv', 'MCTSController', 'checkpoint_version', 'load_controller',
-           'baseline_names', 'registry_if_exists', 'controller_key', 'resolve_controller', 'generate_text']
+__all__ = ['GATE_KIND', 'LEARNED', 'BASELINES', 'Controller', 'GreedyBaseline', 'SamplingBaseline', 'GreedyStopRule',
+           'ThinkThenAnswer', 'GateError', 'load_think_gate', 'ThinkGate', 'BestOfN', 'short_answer', 'SelfConsistency',
+           'ThresholdController', 'make_controller', 'PolicyController', 'EnvState', 'finished_key', 'SearchEnv',
+           'ValueEnv', 'MCTSController', 'checkpoint_version', 'load_controller', 'baseline_names',
+           'registry_if_exists', 'controller_key', 'resolve_controller', 'generate_text']
 
 # %% ../nbs/10_controllers.ipynb #452c9141
 def _budget(engine:Engine, max_new_tokens) -> int:
@@ -155,6 +156,74 @@ class ThinkThenAnswer(GreedyStopRule):
         "The answer without the punctuation the close phrase invites, cut after its first sentence end."
         r.text = r.text.lstrip(_LEAD)
         return super().finish(r, notes)
+
+# %% ../nbs/10_controllers.ipynb #faac446c
+GATE_KIND = 'think_gate'
+
+class GateError(ValueError):
+    "A think-gate file that cannot be used: the message names the file, the field and the fix."
+
+def load_think_gate(path:str|Path) -> dict:
+    "The think gate stored at `path` (JSON: weights, feature standardisation, SLM fingerprint, thought settings), checked."
+    p = Path(path)
+    fix = "Fix: run python benchmarks/think_gate.py to fit one, or point baselines.think_gate_path at a gate file."
+    if not p.exists(): raise GateError(f"no think gate at {str(p)!r}. {fix}")
+    try: g = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: raise GateError(f"think gate {str(p)!r} is not readable JSON ({e}). {fix}") from None
+    if not isinstance(g, dict) or g.get('kind') != GATE_KIND: raise GateError(f"{str(p)!r} is not a think gate (kind={g.get('kind') if isinstance(g, dict) else None!r}). {fix}")
+    for k in ('w', 'b', 'mu', 'sd', 'slm_fingerprint', 'thought_style', 'thought_close_text'):
+        if k not in g: raise GateError(f"think gate {str(p)!r} lacks the field {k!r}. {fix}")
+    if not (len(g['w']) == len(g['mu']) == len(g['sd'])): raise GateError(f"think gate {str(p)!r}: w, mu and sd differ in length. {fix}")
+    return g
+
+# %% ../nbs/10_controllers.ipynb #f73e89fa
+class ThinkGate(Controller):
+    "Learned first decision: think, then answer (`think_answer`), or answer directly (greedy), by a logistic model of the root state."
+    name = 'think_gate'
+    def __init__(self, cfg:Config|None=None, gate:dict|None=None): # gate: a loaded gate; None = `baselines.think_gate_path`
+        super().__init__(cfg)
+        self.gate = gate if gate is not None else load_think_gate(asset_path(self.cfg.baselines.think_gate_path))
+        self.w, self.mu, self.sd = (np.asarray(self.gate[k], np.float64) for k in ('w', 'mu', 'sd'))
+        self.think, self.plain, self._think = ThinkThenAnswer(self.cfg), GreedyBaseline(self.cfg), {}
+    def sampling(self): return dict(temperature=0.0)
+
+LEARNED = {'think_gate': ThinkGate}  # fitted controllers loaded from a file the config names (not registry versions)
+
+# %% ../nbs/10_controllers.ipynb #5aebb547
+@patch
+def check(self:ThinkGate, engine:Engine) -> None:
+    "Raise `GateError` when the gate was fitted on another SLM, state size or thought delimiters than `engine` has."
+    g, mc = self.gate, engine.cfg.macro
+    if g['slm_fingerprint'] != engine.fingerprint:
+        raise GateError(f"this think gate was fitted on SLM {g['slm_fingerprint']}, the engine runs {engine.fingerprint}. Fix: fit a gate for this SLM (benchmarks/think_gate.py).")
+    if len(self.w) != engine.feature_dim: raise GateError(f"this think gate reads {len(self.w)} features, the engine makes {engine.feature_dim}. Fix: fit a gate for this SLM.")
+    if (g['thought_style'], g['thought_close_text']) != (mc.thought_style, mc.thought_close_text):
+        raise GateError(f"this think gate was fitted with thought_style={g['thought_style']!r} and close {g['thought_close_text']!r}; the engine has "
+                        f"{mc.thought_style!r} and {mc.thought_close_text!r}. Fix: use those settings, or fit a gate under yours.")
+
+@patch
+def p_think(self:ThinkGate, x:np.ndarray) -> float:
+    "The gate's probability that thinking first answers better, for the state vector `x`."
+    z = (np.nan_to_num(np.asarray(x, np.float64)) - self.mu) / self.sd
+    return float(1 / (1 + math.exp(-float(np.clip(z @ self.w + self.gate['b'], -50, 50)))))
+
+# %% ../nbs/10_controllers.ipynb #bcd55901
+@patch
+def decide(self:ThinkGate, engine:Engine, s:GenState) -> tuple:
+    "First decision: the gate picks think-then-answer or greedy; afterwards the chosen arm decides."
+    if s.last is None:
+        p = self.p_think(engine.features(s)); self._think[id(s)] = p >= 0.5
+        a, note = (self.think if p >= 0.5 else self.plain).decide(engine, s)
+        return a, dict(note or {}, gate=round(p, 4), gate_choice='think' if p >= 0.5 else 'answer')
+    return (self.think if self._think.get(id(s)) else self.plain).decide(engine, s)
+
+@patch
+def finish(self:ThinkGate, r:GenerationResult, notes:dict) -> GenerationResult:
+    "The chosen arm's last touches; the gate's probability and choice go to `meta`."
+    first = notes.get(0, {})
+    if first.get('gate_choice') == 'think': r = self.think.finish(r, notes)
+    r.meta.update(gate=first.get('gate'), gate_choice=first.get('gate_choice'))
+    return r
 
 # %% ../nbs/10_controllers.ipynb #f5ccfded
 class BestOfN(Controller):
@@ -502,7 +571,7 @@ def controller_key(cfg:Config, # the config (`promotion.registry_dir`)
     if spec in (None, '', 'active'):
         reg = registry_if_exists(cfg, registry)
         return (reg.active() if reg is not None else None) or 'threshold'
-    if isinstance(spec, str) and spec in BASELINES: return spec
+    if isinstance(spec, str) and (spec in BASELINES or spec in LEARNED): return spec
     try: return version_name(spec)
     except RegistryError: raise ValueError(f"controller {spec!r} is unknown: use a baseline ({', '.join(baseline_names())}), "
                                            f"a registry version such as 'v3', or 'active'.") from None
@@ -515,6 +584,7 @@ def resolve_controller(cfg:Config, # the config (`promotion.registry_dir`, basel
     "A controller from a name: the active version (threshold if none), a registry version, or a baseline."
     key = controller_key(cfg, spec, registry)
     if key in BASELINES: return make_controller(key, cfg)
+    if key in LEARNED: return LEARNED[key](cfg)
     reg = registry_if_exists(cfg, registry)
     if reg is None: raise RegistryError(f"there is no registry at {str(run_path(cfg, cfg.promotion.registry_dir))!r}, so no version {key}; run `rc cycle` first.")
     ctl = load_controller(reg.checkpoint(key), cfg, name='policy')  # verified: sha256, SLM fingerprint, feature dim

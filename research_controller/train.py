@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'LOSS_KEYS', 'WANDB_HINT', 'open_buffer', 'BufferData', 'StepSampler', 'make_loader', 'lr_factor',
-           'TrainCallback', 'TensorBoardLogger', 'WandbLogger', 'TrainResult', 'Trainer', 'train', 'plot_losses']
+           'TrainCallback', 'TensorBoardLogger', 'WandbLogger', 'TrainResult', 'Trainer', 'train', 'plot_losses',
+           'fit_think_gate']
 
 # %% ../nbs/12_train.ipynb #b77742e4
 def open_buffer(path:str|Path) -> ReplayBuffer:
@@ -316,3 +317,46 @@ def plot_losses(losses:list, ax=None, smooth:int=5):
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.legend(fontsize=8); ax.set_title('training loss')
     ax.figure.tight_layout()
     return ax
+
+# %% ../nbs/12_train.ipynb #d56886c3
+def _logit_fit(Z:np.ndarray, y:np.ndarray, w:np.ndarray, lam:float, iters:int=200) -> tuple:
+    "(weights, bias) of an L2-penalised weighted logistic regression on standardised `Z` (Newton steps)."
+    n, k = Z.shape
+    A = np.hstack([Z, np.ones((n, 1))]); beta = np.zeros(k + 1)
+    R = lam * np.eye(k + 1); R[-1, -1] = 0.0  # the bias is not penalised
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-np.clip(A @ beta, -50, 50)))
+        g = A.T @ (w * (p - y)) + R @ beta
+        H = (A * (w * p * (1 - p))[:, None]).T @ A + R + 1e-9 * np.eye(k + 1)
+        step = np.linalg.solve(H, g); beta -= step
+        if np.abs(step).max() < 1e-8: break
+    return beta[:-1], float(beta[-1])
+
+# %% ../nbs/12_train.ipynb #fd48f4d2
+def fit_think_gate(X:np.ndarray, # [n, D] root state vectors of train-split items
+                   d:np.ndarray, # [n] task score with thinking first minus without
+                   lams:Sequence[float]=(1, 10, 100, 1000, 10000), # L2 penalties tried
+                   folds:int=5, seed:int=0,
+                  ) -> dict:
+    "Gate weights (standardised features) fitted where the choice matters, the L2 penalty picked by k-fold CV on the gain over never thinking."
+    X, d = np.nan_to_num(np.asarray(X, np.float64)), np.asarray(d, np.float64)
+    if X.ndim != 2 or len(X) != len(d): raise ValueError(f"X must be [n, D] and d [n]; got {X.shape} and {d.shape}.")
+    keep = d != 0
+    if keep.sum() < 2 * folds: raise ValueError(f"only {int(keep.sum())} items where thinking changed the score; fitting a gate needs at least {2 * folds}.")
+    mu, sd = X.mean(0), np.maximum(X.std(0), 1e-6)
+    Z = (X - mu) / sd
+    fold = np.random.default_rng(seed).permutation(len(d)) % folds
+    cv = {}
+    for lam in lams:
+        gain = np.zeros(len(d))
+        for f in range(folds):
+            tr, te = (fold != f) & keep, fold == f
+            wv, b = _logit_fit(Z[tr], (d[tr] > 0).astype(float), np.abs(d[tr]), lam)
+            gain[te] = np.where(Z[te] @ wv + b >= 0, d[te], 0.0)
+        cv[lam] = float(gain.mean())
+    lam = max(cv, key=lambda l: (cv[l], l))  # ties: the stronger penalty
+    wv, b = _logit_fit(Z[keep], (d[keep] > 0).astype(float), np.abs(d[keep]), lam)
+    think = Z @ wv + b >= 0
+    return dict(kind='think_gate', w=wv.tolist(), b=b, mu=mu.tolist(), sd=sd.tolist(), lam=lam, cv_gain=cv, folds=folds,
+                n=int(len(d)), n_informative=int(keep.sum()), train_gain=float(np.where(think, d, 0).mean()),
+                think_share=float(think.mean()), oracle_gain=float(np.maximum(d, 0).mean()), always_think_gain=float(d.mean()))
