@@ -32,7 +32,7 @@ from .macro_actions import Action
 from .engine import Engine, get_engine
 from .rewards import TASK_METRIC, TASKS, task_score
 from .registry import ControllerRegistry, version_name
-from .controllers import BASELINES, baseline_names, controller_key, resolve_controller
+from .controllers import BASELINES, LEARNED, baseline_names, controller_key, resolve_controller
 from .evaluate import bootstrap_ci, bootstrap_means, paired_test
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,12 @@ class RegistryResolver:
     @staticmethod
     def baselines() -> list: return baseline_names()
 
-    def choices(self) -> list: return ['active', *self.registry.versions(), *self.baselines()]
+    def choices(self) -> list: return ['active', *self.registry.versions(), *self.baselines(), *sorted(LEARNED)]
 
     def _key(self, spec):
         try: key = controller_key(self.cfg, spec, self.registry)  # the one naming rule
         except ValueError: raise UnknownController(spec, self.choices()) from None
-        if key in BASELINES or key in self.registry.versions(): return key
+        if key in BASELINES or key in LEARNED or key in self.registry.versions(): return key
         raise UnknownController(spec, self.choices())
 
     def __call__(self, spec:str|None=None):
