@@ -6,7 +6,7 @@ Docs: https://research-controller.github.io/research_controller/controllers.html
 
 # %% ../nbs/10_controllers.ipynb #c5b7869c
 from __future__ import annotations
-import dataclasses, hashlib, json, math, re, time
+import dataclasses, hashlib, json, math, re, time, weakref
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -118,9 +118,12 @@ _SENTENCE_END = re.compile(r'[.!?](?=\s|$)|\n')
 class GreedyStopRule(GreedyBaseline):
     "Greedy decoding that stops at the first sentence end or newline of the answer."
     name = 'greedy_stop'
+    def answer_text(self, engine:Engine, s:GenState) -> str:
+        "The visible answer so far, as the stop rule reads it."
+        return engine.tok.decode(engine.visible_ids(s.tip), skip_special_tokens=True).strip()
     def decide(self, engine:Engine, s:GenState) -> tuple:
         "STOP once the visible answer holds a sentence end or a newline, else CONTINUE."
-        text = engine.tok.decode(engine.visible_ids(s.tip), skip_special_tokens=True).strip()
+        text = self.answer_text(engine, s)
         if text and _SENTENCE_END.search(text) and engine.legal_mask(s)[Action.STOP]: return Action.STOP, dict(why="sentence end")
         return Action.CONTINUE, None
     def finish(self, r:GenerationResult, notes:dict) -> GenerationResult:
@@ -148,10 +151,10 @@ class ThinkThenAnswer(GreedyStopRule):
             if th and _SENTENCE_END.search(th): return Action.THINK_END, dict(why="thought done")
             if not m[Action.CONTINUE] or ms.left - ms.close_cost <= self.answer_reserve: return Action.THINK_END, dict(why="answer reserve")
             return Action.CONTINUE, None
-        text = engine.tok.decode(engine.visible_ids(s.tip), skip_special_tokens=True).strip(_LEAD)
-        if (text and _SENTENCE_END.search(text)) or not m[Action.CONTINUE]:
-            if m[Action.STOP]: return Action.STOP, dict(why="sentence end")
-        return Action.CONTINUE, None
+        return super().decide(engine, s)  # after the thought: the stop rule, on the answer without the close phrase's punctuation
+    def answer_text(self, engine:Engine, s:GenState) -> str:
+        "The visible answer so far without the punctuation the close phrase invites."
+        return engine.tok.decode(engine.visible_ids(s.tip), skip_special_tokens=True).strip(_LEAD)
     def finish(self, r:GenerationResult, notes:dict) -> GenerationResult:
         "The answer without the punctuation the close phrase invites, cut after its first sentence end."
         r.text = r.text.lstrip(_LEAD)
@@ -184,7 +187,8 @@ class ThinkGate(Controller):
         super().__init__(cfg)
         self.gate = gate if gate is not None else load_think_gate(asset_path(self.cfg.baselines.think_gate_path))
         self.w, self.mu, self.sd = (np.asarray(self.gate[k], np.float64) for k in ('w', 'mu', 'sd'))
-        self.think, self.plain, self._think = ThinkThenAnswer(self.cfg), GreedyBaseline(self.cfg), {}
+        self.think, self.plain = ThinkThenAnswer(self.cfg), GreedyBaseline(self.cfg)
+        self._think = weakref.WeakKeyDictionary()  # GenState -> the arm chosen at its first decision (gone with the state)
     def sampling(self): return dict(temperature=0.0)
 
 LEARNED = {'think_gate': ThinkGate}  # fitted controllers loaded from a file the config names (not registry versions)
@@ -212,10 +216,10 @@ def p_think(self:ThinkGate, x:np.ndarray) -> float:
 def decide(self:ThinkGate, engine:Engine, s:GenState) -> tuple:
     "First decision: the gate picks think-then-answer or greedy; afterwards the chosen arm decides."
     if s.last is None:
-        p = self.p_think(engine.features(s)); self._think[id(s)] = p >= 0.5
+        p = self.p_think(engine.features(s)); self._think[s] = p >= 0.5
         a, note = (self.think if p >= 0.5 else self.plain).decide(engine, s)
         return a, dict(note or {}, gate=round(p, 4), gate_choice='think' if p >= 0.5 else 'answer')
-    return (self.think if self._think.get(id(s)) else self.plain).decide(engine, s)
+    return (self.think if self._think.get(s) else self.plain).decide(engine, s)
 
 @patch
 def finish(self:ThinkGate, r:GenerationResult, notes:dict) -> GenerationResult:

@@ -102,7 +102,8 @@ class _Decision:
 
 class GenState:
     "One generation in progress: the last KV segment, macro counters, RNG and history. Opaque outside the engine."
-    __slots__ = ('tip', 'root', 'ms', 'last', 'gen', 'seed', 'prompt', 'temperature', 'top_p', 'top_k', 't0', 't_done')
+    __slots__ = ('tip', 'root', 'ms', 'last', 'gen', 'seed', 'prompt', 'temperature', 'top_p', 'top_k', 't0', 't_done',
+                 '__weakref__')  # weakly referable: a controller may keep per-generation notes in a WeakKeyDictionary
     def __repr__(self):
         m = self.ms
         return (f"GenState(tokens={m.spent}/{m.budget}, kept={m.kept}, in_thought={m.in_thought}, "
@@ -536,7 +537,8 @@ def step(self:Engine, s:GenState, action) -> GenState:
 def fork(self:Engine, s:GenState, seed:Optional[int]=None) -> GenState:
     "An independent copy of `s` sharing its KV segments (O(1)); same RNG state, or re-seeded with `seed`."
     c = GenState()
-    for k in GenState.__slots__: setattr(c, k, getattr(s, k))
+    for k in GenState.__slots__:
+        if k != '__weakref__': setattr(c, k, getattr(s, k))
     if seed is None: c.gen = torch.Generator(); c.gen.set_state(s.gen.get_state())
     else: c.seed, c.gen = int(seed), torch.Generator().manual_seed(int(seed))
     return c
