@@ -17,9 +17,9 @@ from .config import Config, ConfigError, SLMConfig, load_config
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SMOLLM2_PIP', 'GEMMA_PIP', 'SLMSource', 'slm_cache_dir', 'resolve_source', 'gguf_cache_path', 'convert_gguf',
-           'resolve_device', 'resolve_dtype', 'add_thought_tokens', 'load_slm', 'encode_prompt', 'quick_generate',
-           'model_fingerprint', 'tiny_slm', 'precision_agreement']
+__all__ = ['log', 'SMOLLM2_PIP', 'GEMMA_PIP', 'ANSWER_CUE', 'SLMSource', 'slm_cache_dir', 'resolve_source', 'gguf_cache_path',
+           'convert_gguf', 'resolve_device', 'resolve_dtype', 'add_thought_tokens', 'newline_ids', 'base_model_stops',
+           'load_slm', 'encode_prompt', 'quick_generate', 'model_fingerprint', 'tiny_slm', 'precision_agreement']
 
 # %% ../nbs/01_slm.ipynb #29271dd2
 @dataclass(frozen=True)
@@ -144,6 +144,23 @@ def add_thought_tokens(model, tok, cfg:SLMConfig):
     tok.thought_open_id, tok.thought_close_id = tok.convert_tokens_to_ids(toks[0]), tok.convert_tokens_to_ids(toks[1])
     return model, tok
 
+# %% ../nbs/01_slm.ipynb #400bdcee
+ANSWER_CUE = '\nAnswer:'  # appended by `encode_prompt` to a base model's question
+
+def newline_ids(tok) -> list[int]:
+    "Ids of the vocabulary tokens that decode to nothing but newlines."
+    cand = [i for s, i in tok.get_vocab().items() if s == '<0x0A>' or (s and not s.strip('\nĊ▁ '))]
+    return sorted(i for i in cand if set(tok.decode([i])) == {'\n'})
+
+def base_model_stops(model, tok):
+    "Make a base model end its answer at a newline (or `<eos>` / `<end_of_turn>`) and cue its questions with `ANSWER_CUE`."
+    gc, vocab = model.generation_config, tok.get_vocab()
+    eos = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
+    eot = [vocab['<end_of_turn>']] if '<end_of_turn>' in vocab else []
+    gc.eos_token_id = sorted({int(e) for e in [*eos, tok.eos_token_id, *eot, *newline_ids(tok)] if e is not None})
+    tok.rc_answer_cue = ANSWER_CUE
+    return model, tok
+
 # %% ../nbs/01_slm.ipynb #a103dcf5
 def _quant_config(cfg:SLMConfig, src:SLMSource):
     if cfg.quantization == 'none': return None
@@ -186,6 +203,7 @@ def _load_slm_cached(cfg:SLMConfig):
     if qc is None: model = model.to(device)
     model, tok = add_thought_tokens(model, tok, cfg)
     if tok.pad_token is None: tok.pad_token = tok.eos_token
+    if not src.chat and tok.chat_template is None: model, tok = base_model_stops(model, tok)
     model.rc_source, model.rc_chat = src, src.chat and tok.chat_template is not None
     return _freeze(model), tok
 
@@ -198,7 +216,7 @@ def load_slm(cfg:Config|SLMConfig|None=None, # whole config, its `slm` section, 
 # %% ../nbs/01_slm.ipynb #0a5b4852
 def encode_prompt(tok, prompt:str, cfg:Config|SLMConfig|None=None, # tokenizer, user prompt, config
                  ) -> list[int]:
-    "Token ids of `prompt`, wrapped in the chat template when the model has one and config asks for it."
+    "Token ids of `prompt`, wrapped in the chat template when the model has one and config asks for it (a base model's question gets its answer cue)."
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string. Fix: pass the text to continue or the question to answer.")
     scfg = (cfg.slm if isinstance(cfg, Config) else cfg) or SLMConfig()
@@ -206,6 +224,8 @@ def encode_prompt(tok, prompt:str, cfg:Config|SLMConfig|None=None, # tokenizer, 
         msgs = ([{'role': 'system', 'content': scfg.system_prompt}] if scfg.system_prompt else []) + [{'role': 'user', 'content': prompt}]
         out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         return list(out['input_ids'] if hasattr(out, 'keys') else out)
+    cue = getattr(tok, 'rc_answer_cue', None)  # set by `base_model_stops`
+    if cue and prompt.rstrip().endswith('?'): prompt = prompt.rstrip() + cue
     return tok(prompt, add_special_tokens=True)['input_ids']
 
 # %% ../nbs/01_slm.ipynb #f2dec191
