@@ -4,20 +4,31 @@ For a seeded sample of train-split items of every task (in the research suite's 
 both arms are played at the same token budget, everything forwarded counted:
   answer directly  greedy
   think first      think_answer (a thought to the first sentence end, then the answer to a sentence end)
-and `d` = task score of thinking minus that of answering. `train.fit_think_gate` fits a logistic model of the root
-state vector (which carries the prompt's pooled hidden state) that thinks where `d > 0`, weighting items by |d|, with
-the L2 penalty chosen by 5-fold cross-validation on the gain over never thinking. Printed: per task the mean `d`, the
+and `d` = task score of thinking minus that of answering. `train.fit_think_gate` fits a linear gate on the root state
+vector (which carries the prompt's pooled hidden state): a logistic model that thinks where `d > 0` (items weighted by
+|d|) or a ridge regression of `d`, the kind and its L2 penalty chosen by 5-fold cross-validation on the gain over never
+thinking. Printed: per task the mean `d`, the
 cross-validated gain of the gate against always/never thinking and the oracle, and where the gate thinks.
 
+Every played batch is appended to the outcomes file (`--outcomes`, JSON: item id, task, both arms' scores and tokens,
+under a key of the generation settings), so a killed run resumes where it stopped and a refit (`--refit`) reads the
+stored outcomes and only recomputes the root state vectors (one prefill per prompt, no generation).
+
 Usage:  python benchmarks/think_gate.py [--squad 100 --wikitext 40 --nq 30 --gsm8k 20] [--seed 7] [--budget 64]
-        [--threads 1] [--out assets/think_gate_smollm2.json] [--set key=value ...]
+        [--threads 1] [--out assets/think_gate_smollm2.json] [--outcomes FILE] [--refit] [--set key=value ...]
 The fitted gate is evaluated on the eval split like any controller: rc evaluate --suite research --controller think_gate.
 """
 from __future__ import annotations
-import argparse, os, sys, time
+import argparse, json, os, sys, time
+from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('HF_DATASETS_OFFLINE', '1'); os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 import numpy as np
 import torch
+
+
+def uid(it:dict) -> str:
+    "An item's key in the outcomes file."
+    return f"{it['task']}:{it['id']}"
 
 
 def main(argv=None) -> int:
@@ -28,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument('--batch', type=int, default=8)
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--out', default='assets/think_gate_smollm2.json')
+    ap.add_argument('--outcomes', default=None, help="where played outcomes are stored and resumed from "
+                    "(default: benchmarks/results/think_gate_outcomes_seed<seed>.json)")
+    ap.add_argument('--refit', action='store_true', help="fit from stored outcomes only; refuse to generate")
     ap.add_argument('--set', dest='sets', action='append', default=[], metavar='KEY=VALUE')
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -46,18 +60,32 @@ def main(argv=None) -> int:
     X = np.concatenate([eng.features_batch(eng.new_states([it['prompt'] for it in items[i:i + a.batch]], a.budget))
                         for i in range(0, len(items), a.batch)])
     arms = {'answer': GreedyBaseline(cfg), 'think': ThinkThenAnswer(cfg)}
-    score, toks = {}, {}
-    with tqdm(total=len(items) * len(arms), desc='both arms', unit='item') as bar:
+    out_path = Path(a.outcomes or f'benchmarks/results/think_gate_outcomes_seed{a.seed}.json')
+    key = json.dumps(dict(slm=eng.fingerprint, budget=a.budget, thought_style=cfg.macro.thought_style,
+                          open=cfg.macro.thought_open_text, close=cfg.macro.thought_close_text), sort_keys=True)
+    store = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if store and store.get('key') != key:
+        print(f"error: {out_path} holds outcomes played under other settings ({store.get('key')}); "
+              f"give another --outcomes file or delete it.", file=sys.stderr); return 2
+    store.setdefault('key', key); done = store.setdefault('items', {})
+    todo = [it for it in items if not all(k in done.get(uid(it), {}) for k in arms)]
+    if todo and a.refit:
+        print(f"error: --refit, but {len(todo)} of {len(items)} items have no stored outcome in {out_path}; "
+              f"run without --refit to play them.", file=sys.stderr); return 2
+    with tqdm(total=len(todo) * len(arms), desc='both arms', unit='item') as bar:
         for k, ctl in arms.items():
-            s, n = [], []
-            for i in range(0, len(items), a.batch):
-                its = items[i:i + a.batch]
+            rest = [it for it in todo if k not in done.get(uid(it), {})]
+            for i in range(0, len(rest), a.batch):
+                its = rest[i:i + a.batch]
                 for it, r in zip(its, ctl.generate_batch(eng, [it['prompt'] for it in its], a.budget, seeds=0, items=its)):
-                    s.append(task_score(it, r.text)[TASK_METRIC[it['task']]]); n.append(r.tokens)
-                bar.update(len(its))
-            score[k], toks[k] = np.array(s), np.array(n)
+                    done.setdefault(uid(it), dict(task=it['task']))[k] = dict(
+                        score=task_score(it, r.text)[TASK_METRIC[it['task']]], tokens=r.tokens)
+                atomic_write_json(out_path, store); bar.update(len(its))
+    score = {k: np.array([done[uid(it)][k]['score'] for it in items]) for k in arms}
+    toks = {k: np.array([done[uid(it)][k]['tokens'] for it in items]) for k in arms}
     d = score['think'] - score['answer']
-    gate = fit_think_gate(X, d, seed=a.seed)
+    try: gate = fit_think_gate(X, d, seed=a.seed)
+    except ValueError as e: print(f"error: {e} Fix: play more items (--squad, --wikitext, ...).", file=sys.stderr); return 2
     tasks = np.array([it['task'] for it in items])
     z = (np.nan_to_num(X) - np.array(gate['mu'])) / np.array(gate['sd'])
     think = z @ np.array(gate['w']) + gate['b'] >= 0
@@ -67,15 +95,16 @@ def main(argv=None) -> int:
                 per_task={t: dict(mean_d=float(d[tasks == t].mean()), think_share=float(think[tasks == t].mean()),
                                   answer=float(score['answer'][tasks == t].mean()), think=float(score['think'][tasks == t].mean()))
                           for t in sorted(set(tasks))},
-                tokens=dict(answer=float(toks['answer'].mean()), think=float(toks['think'].mean())), seconds=round(time.time() - t0, 1))
+                tokens=dict(answer=float(toks['answer'].mean()), think=float(toks['think'].mean())), seconds=round(time.time() - t0, 1), outcomes=str(out_path))
     print(f"{len(items)} train-split items, {a.budget} tokens per item, {time.time() - t0:.0f} s")
     print("task       n   answer   think   mean d   gate thinks on")
     for t, v in gate['per_task'].items():
         print(f"{t:9} {gate['tasks'][t]:3}   {v['answer']:.3f}   {v['think']:.3f}   {v['mean_d']:+.3f}   {v['think_share']:.0%}")
     print(f"gain over always answering: always think {gate['always_think_gain']:+.4f}, oracle {gate['oracle_gain']:+.4f}, "
-          f"gate (5-fold CV, lam={gate['lam']}) {gate['cv_gain'][gate['lam']]:+.4f}; CV by lam: "
-          + ', '.join(f"{l}: {g:+.4f}" for l, g in gate['cv_gain'].items()))
-    gate['cv_gain'] = {str(k): v for k, v in gate['cv_gain'].items()}
+          f"gate ({gate['model']}, lam={gate['lam']}, 5-fold CV) {gate['cv_gain'][gate['model']][gate['lam']]:+.4f}")
+    for m, by_lam in gate['cv_gain'].items():
+        print(f"  CV gain, {m:8}: " + ', '.join(f"lam {l}: {g:+.4f}" for l, g in by_lam.items()))
+    gate['cv_gain'] = {m: {str(l): g for l, g in by_lam.items()} for m, by_lam in gate['cv_gain'].items()}
     atomic_write_json(a.out, gate)
     print(f"wrote {a.out}")
     return 0

@@ -127,14 +127,14 @@ def run_generate(cfg:Config, prompt:str, controller:str|None=None, max_new_token
     from research_controller.engine import get_engine  # imported here: `rc --help` stays fast without torch
     from research_controller.controllers import resolve_controller
     budget = max_new_tokens or cfg.macro.max_new_tokens
-    try: ctl = resolve_controller(cfg, controller)  # a baseline, 'vN', or the active version (threshold while none)
+    try: ctl = resolve_controller(cfg, controller)  # a baseline, 'vN', or the active version (the default controller while none)
     except ValueError as e: raise CLIError(f"--controller {controller!r}: {e}") from None
     return ctl.generate(get_engine(cfg), prompt, budget, seed=seed, include_thoughts=include_thoughts)
 
 def _generate_args(p):
     p.add_argument('prompt', help="the user prompt")
     p.add_argument('--controller', default='active', metavar='NAME',
-                   help="greedy | sampling | best_of_n | threshold | vN (a registry version) | active (default)")
+                   help="greedy | greedy_stop | think_answer | think_gate | sampling | best_of_n | self_consistency | threshold | vN (a registry version) | active (default: the promoted version, else baselines.default_controller)")
     p.add_argument('--max-new-tokens', type=int, default=None, metavar='N', help="total token budget (thoughts and resamples count); default macro.max_new_tokens")
     p.add_argument('--seed', type=int, default=0, help="generation seed (default 0)")
     p.add_argument('--json', action='store_true', help="print the GenerationResult as JSON")
@@ -318,7 +318,7 @@ def _last_report(r:dict) -> str:
     ch, cl = r.get('champion') or {}, r.get('challenger') or {}
     st = r.get('status') or ('accepted' if (r.get('decision') or {}).get('accepted') else 'rejected')
     return (f"last report: cycle {r.get('cycle')} finished {r.get('finished_at')}: {str(st).upper()}, challenger "
-            f"{cl.get('version') or '-'} vs champion {ch.get('version') or ch.get('label') or 'threshold'}"
+            f"{cl.get('version') or '-'} vs champion {ch.get('version') or ch.get('label') or '-'}"
             f"{', promoted ' + r['promoted_version'] if r.get('promoted_version') else ''}")
 
 @command('status', "the active version, the registered versions and the last cycle report", loads='files')
@@ -326,7 +326,7 @@ def _cmd_status(ns, cfg):
     from research_controller.promotion import load_reports
     reg, probs = _registry(cfg), []
     _print(f"registry: {run_path(cfg, cfg.promotion.registry_dir)}")
-    try: act = (reg.active() if reg else None) or 'none (the threshold controller answers)'
+    try: act = (reg.active() if reg else None) or f'none (the default controller answers: {cfg.baselines.default_controller})'
     except RegistryError: act = 'unknown: active.json is unreadable (see problems)'
     _print(f"active: {act}")
     _print(f"versions: {', '.join(reg.versions()) if reg and reg.versions() else 'none'}")

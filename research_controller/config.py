@@ -102,6 +102,7 @@ class BaselinesConfig:
     sampling_temperature: float = setting(0.7, "temperature of the sampling baseline", lo=0.01, hi=10.0)
     sampling_top_p: float = setting(0.95, "nucleus mass of the sampling baseline", lo=0.01, hi=1.0)
     best_of_n: int = setting(4, "candidates of best-of-N; each gets 1/N of the token budget", unit='candidates', lo=1, hi=256)
+    default_controller: str = setting('think_gate', "the controller that answers while no registry version is active (rc generate/serve/evaluate 'active', the first cycle's champion): the one that measured best on the research suite (README); a think gate fitted for another SLM answers directly, with a warning", choices=['greedy', 'greedy_stop', 'think_answer', 'think_gate', 'sampling', 'best_of_n', 'self_consistency', 'threshold'])
     think_gate_path: str = setting('assets/think_gate_smollm2.json', "the learned think gate of controller think_gate (relative paths: the project root); made by benchmarks/think_gate.py")
     best_of_n_scorer: str = setting('logprob', "how best-of-N picks: mean token log-prob (free), the SLM judge (its tokens count toward the budget), or the full reward (judge tokens count)", choices=['logprob', 'judge', 'reward'])
     self_consistency_n: int = setting(4, "samples of self-consistency; each gets 1/N of the token budget, the majority answer wins", unit='samples', lo=1, hi=256)

@@ -6,7 +6,7 @@ Docs: https://research-controller.github.io/research_controller/controllers.html
 
 # %% ../nbs/10_controllers.ipynb #c5b7869c
 from __future__ import annotations
-import dataclasses, hashlib, json, math, re, time, weakref
+import dataclasses, hashlib, json, math, re, time, warnings, weakref
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -181,12 +181,15 @@ def load_think_gate(path:str|Path) -> dict:
 
 # %% ../nbs/10_controllers.ipynb #f73e89fa
 class ThinkGate(Controller):
-    "Learned first decision: think, then answer (`think_answer`), or answer directly (greedy), by a logistic model of the root state."
+    "Learned first decision: think, then answer (`think_answer`), or answer directly (greedy), by a linear gate on the root state."
     name = 'think_gate'
-    def __init__(self, cfg:Config|None=None, gate:dict|None=None): # gate: a loaded gate; None = `baselines.think_gate_path`
+    def __init__(self, cfg:Config|None=None, gate:dict|None=None, # gate: a loaded gate; None = `baselines.think_gate_path`
+                 strict:bool=True): # False: on an SLM the gate was not fitted for, warn and answer directly (greedy) instead of refusing
         super().__init__(cfg)
+        self.strict, self.fallback = strict, None  # fallback: why this gate answers directly on the engine at hand (strict=False only)
         self.gate = gate if gate is not None else load_think_gate(asset_path(self.cfg.baselines.think_gate_path))
         self.w, self.mu, self.sd = (np.asarray(self.gate[k], np.float64) for k in ('w', 'mu', 'sd'))
+        self.identity = 'think_gate:' + hashlib.sha256(json.dumps(self.gate, sort_keys=True).encode()).hexdigest()[:16]  # a refitted gate is another controller
         self.think, self.plain = ThinkThenAnswer(self.cfg), GreedyBaseline(self.cfg)
         self._think = weakref.WeakKeyDictionary()  # GenState -> the arm chosen at its first decision (gone with the state)
     def sampling(self): return dict(temperature=0.0)
@@ -195,19 +198,27 @@ LEARNED = {'think_gate': ThinkGate}  # fitted controllers loaded from a file the
 
 # %% ../nbs/10_controllers.ipynb #5aebb547
 @patch
-def check(self:ThinkGate, engine:Engine) -> None:
-    "Raise `GateError` when the gate was fitted on another SLM, state size or thought delimiters than `engine` has."
+def misfit(self:ThinkGate, engine:Engine) -> str|None:
+    "Why the gate does not fit `engine` (another SLM, state size or thought delimiters), or None."
     g, mc = self.gate, engine.cfg.macro
     if g['slm_fingerprint'] != engine.fingerprint:
-        raise GateError(f"this think gate was fitted on SLM {g['slm_fingerprint']}, the engine runs {engine.fingerprint}. Fix: fit a gate for this SLM (benchmarks/think_gate.py).")
-    if len(self.w) != engine.feature_dim: raise GateError(f"this think gate reads {len(self.w)} features, the engine makes {engine.feature_dim}. Fix: fit a gate for this SLM.")
+        return f"this think gate was fitted on SLM {g['slm_fingerprint']}, the engine runs {engine.fingerprint}. Fix: fit a gate for this SLM (benchmarks/think_gate.py)."
+    if len(self.w) != engine.feature_dim: return f"this think gate reads {len(self.w)} features, the engine makes {engine.feature_dim}. Fix: fit a gate for this SLM."
     if (g['thought_style'], g['thought_close_text']) != (mc.thought_style, mc.thought_close_text):
-        raise GateError(f"this think gate was fitted with thought_style={g['thought_style']!r} and close {g['thought_close_text']!r}; the engine has "
-                        f"{mc.thought_style!r} and {mc.thought_close_text!r}. Fix: use those settings, or fit a gate under yours.")
+        return (f"this think gate was fitted with thought_style={g['thought_style']!r} and close {g['thought_close_text']!r}; the engine has "
+                f"{mc.thought_style!r} and {mc.thought_close_text!r}. Fix: use those settings, or fit a gate under yours.")
+
+@patch
+def check(self:ThinkGate, engine:Engine) -> None:
+    "Raise `GateError` when the gate does not fit `engine`; a non-strict gate warns once and answers directly instead."
+    why = self.misfit(engine)
+    if why and self.strict: raise GateError(why)
+    if why and why != self.fallback: warnings.warn(f"{why} Until then the think gate answers directly (greedy).", stacklevel=2)
+    self.fallback = why
 
 @patch
 def p_think(self:ThinkGate, x:np.ndarray) -> float:
-    "The gate's probability that thinking first answers better, for the state vector `x`."
+    "The gate's score for the state vector `x` mapped to (0, 1) (a logistic gate's probability that thinking answers better); >= 0.5 thinks."
     z = (np.nan_to_num(np.asarray(x, np.float64)) - self.mu) / self.sd
     return float(1 / (1 + math.exp(-float(np.clip(z @ self.w + self.gate['b'], -50, 50)))))
 
@@ -215,6 +226,10 @@ def p_think(self:ThinkGate, x:np.ndarray) -> float:
 @patch
 def decide(self:ThinkGate, engine:Engine, s:GenState) -> tuple:
     "First decision: the gate picks think-then-answer or greedy; afterwards the chosen arm decides."
+    if s.last is None and self.fallback:
+        self._think[s] = False
+        a, note = self.plain.decide(engine, s)
+        return a, dict(note or {}, gate=None, gate_choice='answer', gate_fallback=self.fallback)
     if s.last is None:
         p = self.p_think(engine.features(s)); self._think[s] = p >= 0.5
         a, note = (self.think if p >= 0.5 else self.plain).decide(engine, s)
@@ -574,7 +589,7 @@ def controller_key(cfg:Config, # the config (`promotion.registry_dir`)
     "The canonical name `spec` stands for: a baseline name or a version such as 'v0003'."
     if spec in (None, '', 'active'):
         reg = registry_if_exists(cfg, registry)
-        return (reg.active() if reg is not None else None) or 'threshold'
+        return (reg.active() if reg is not None else None) or cfg.baselines.default_controller
     if isinstance(spec, str) and (spec in BASELINES or spec in LEARNED): return spec
     try: return version_name(spec)
     except RegistryError: raise ValueError(f"controller {spec!r} is unknown: use a baseline ({', '.join(baseline_names())}), "
@@ -585,10 +600,10 @@ def resolve_controller(cfg:Config, # the config (`promotion.registry_dir`, basel
                        spec:str|int|None=None, # None/'active', 'vN' (or 'N'), or a baseline name
                        registry:ControllerRegistry|None=None, # None = the configured registry
                       ) -> Controller:
-    "A controller from a name: the active version (threshold if none), a registry version, or a baseline."
+    "A controller from a name: the active version (`baselines.default_controller` if none), a registry version, or a baseline."
     key = controller_key(cfg, spec, registry)
     if key in BASELINES: return make_controller(key, cfg)
-    if key in LEARNED: return LEARNED[key](cfg)
+    if key in LEARNED: return LEARNED[key](cfg, strict=spec not in (None, '', 'active'))  # only the default path may fall back
     reg = registry_if_exists(cfg, registry)
     if reg is None: raise RegistryError(f"there is no registry at {str(run_path(cfg, cfg.promotion.registry_dir))!r}, so no version {key}; run `rc cycle` first.")
     ctl = load_controller(reg.checkpoint(key), cfg, name='policy')  # verified: sha256, SLM fingerprint, feature dim
@@ -596,7 +611,7 @@ def resolve_controller(cfg:Config, # the config (`promotion.registry_dir`, basel
     return ctl
 
 # %% ../nbs/10_controllers.ipynb #5b168e79
-def generate_text(cfg:Config|None, prompt:str, controller:str|None='threshold', # a name `resolve_controller` accepts
+def generate_text(cfg:Config|None, prompt:str, controller:str|None='active', # a name `resolve_controller` accepts
                   max_new_tokens:Optional[int]=None, # total budget; None = macro.max_new_tokens
                   seed:int=0, include_thoughts:bool=False) -> GenerationResult:
     "Generate `prompt` on the configured SLM with the controller named `controller`."

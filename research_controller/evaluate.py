@@ -31,8 +31,8 @@ __all__ = ['TASKS', 'ITEM_KEYS', 'EVAL_FILES', 'SUITE_SPECS', 'MDE_POWER', 'METR
            'spearman', 'judge_agreement', 'agreement_table', 'compare_table', 'plot_metric_bars', 'plot_reward_terms',
            'plot_tokens_vs_score', 'save_plots', 'write_comparison', 'default_engine', 'default_rewards',
            'metrics_fn_for', 'as_controllers', 'evaluate_controllers', 'default_controller_names', 'CompareRun',
-           'run_compare', 'generation_hash', 'budget_result_path', 'load_done', 'evaluate_budgets',
-           'plot_budget_curves', 'budget_summary', 'write_budget_report', 'run_budgets']
+           'run_compare', 'generation_hash', 'controller_generation_hash', 'budget_result_path', 'load_done',
+           'evaluate_budgets', 'plot_budget_curves', 'budget_summary', 'write_budget_report', 'run_budgets']
 
 # %% ../nbs/13_evaluate.ipynb #15e7c3f0
 def sha256_json(obj) -> str:
@@ -914,6 +914,11 @@ def generation_hash(cfg:Config) -> str:
     d = config_to_dict(cfg)
     return sha256_json({k: d[k] for k in GENERATION_SECTIONS})[:16]
 
+def controller_generation_hash(gen_hash:str, controller) -> str:
+    "`gen_hash`, joined with the controller's `identity` when it has one (a fitted file it reads, e.g. the think gate's digest)."
+    ident = getattr(controller, 'identity', None)
+    return gen_hash if not ident else sha256_json([gen_hash, ident])[:16]
+
 # %% ../nbs/13_evaluate.ipynb #a01aae1f
 def budget_result_path(out_dir:str|Path, # the comparison's directory (runs/<evaluate.out_dir>/<suite name>)
                        label:str, budget:int) -> Path:
@@ -950,7 +955,7 @@ def evaluate_budgets(cfg:Config, # `evaluate` (budgets, batch_items, out_dir), `
     out = Path(out_dir) if out_dir else run_path(cfg, cfg.evaluate.out_dir)/suite.name
     ctls, gh = as_controllers(cfg, controllers, registry), generation_hash(cfg)
     jobs = [(c, int(b), budget_result_path(out, _label(c), b)) for c in ctls for b in budgets]
-    done = {p: (load_done(p, suite, _label(c), b, gh) if resume else None) for c, b, p in jobs}
+    done = {p: (load_done(p, suite, _label(c), b, controller_generation_hash(gh, c)) if resume else None) for c, b, p in jobs}
     todo = [(c, b, p) for c, b, p in jobs if done[p] is None]
     if todo:
         engine = engine if engine is not None else default_engine(cfg)
@@ -959,7 +964,7 @@ def evaluate_budgets(cfg:Config, # `evaluate` (budgets, batch_items, out_dir), `
     with tqdm(total=len(todo) * len(suite), desc='budgets', unit='item', disable=not progress) as bar:
         for c, b, p in todo:
             bar.set_postfix_str(f"{_label(c)} @ {b} tokens")
-            r = run_suite(c, suite, engine, rewards, b, meta=meta, progress=False, metrics_fn=metrics_fn_for(rewards),
+            r = run_suite(c, suite, engine, rewards, b, meta={**meta, 'generation_hash': controller_generation_hash(gh, c)}, progress=False, metrics_fn=metrics_fn_for(rewards),
                           on_item=lambda g: bar.update(1), batch_items=cfg.evaluate.batch_items)
             r.save(p); done[p] = r
     return [done[p] for _, _, p in jobs]

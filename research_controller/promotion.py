@@ -19,15 +19,15 @@ from .selfplay import run_selfplay
 from .train import open_buffer, train
 from .evaluate import Comparison, SuiteError, SuiteResult, check_pair, compare, evaluate_controllers, get_suite
 from .registry import ControllerRegistry, RegistryError, _now, version_name
-from .controllers import load_controller, resolve_controller
+from .controllers import asset_path, load_controller, resolve_controller
 from .cases import CaseIndex, CaseStoreError, default_embedder
 
 # %% auto #0
 __all__ = ['CYCLE_STAGES', 'CheckResult', 'PromotionCheck', 'PromotionContext', 'ComparableCheck', 'MinItemsCheck', 'GainCheck',
            'ErrorRateCheck', 'LatencyCheck', 'default_checks', 'PromotionDecision', 'PromotionPolicy', 'TrainingReport',
            'make_report', 'write_report', 'load_reports', 'buffer_episode_ids', 'checkpoint_meta',
-           'OnlineLearningCoordinator', 'relabel_result', 'CycleRun', 'find_trajectories', 'find_champion',
-           'train_challenger', 'benchmark', 'apply_policy', 'register_and_promote', 'rebuild_cases',
+           'OnlineLearningCoordinator', 'default_champion_key', 'relabel_result', 'CycleRun', 'find_trajectories',
+           'find_champion', 'train_challenger', 'benchmark', 'apply_policy', 'register_and_promote', 'rebuild_cases',
            'write_cycle_report', 'report_table', 'CycleOutcome', 'cycle']
 
 # %% ../nbs/14_promotion.ipynb #db322566
@@ -270,7 +270,7 @@ class OnlineLearningCoordinator:
                  selfplay_fn=None, # (cfg, checkpoint, buffer_path, seed, progress) -> summary; None = selfplay.run_selfplay
                  train_fn=None, # (cfg, buffer_path, init_checkpoint, out_dir, episode_ids, resume, progress) -> TrainResult; None = train.train
                  evaluate_fn=None, # (cfg, controllers, suite, progress) -> [SuiteResult]; None = evaluate.evaluate_controllers
-                 controller_fn=None, # spec ('threshold', 'vN') or checkpoint Path -> controller; None = resolve_controller / load_controller
+                 controller_fn=None, # spec (None = the default controller, 'vN') or checkpoint Path -> controller; None = resolve_controller / load_controller
                  policy:PromotionPolicy|None=None, # None = PromotionPolicy.from_config(cfg)
                  suite=None, # the fixed suite; None = the evaluate module's `get_suite(cfg)`
                  buffer_path:str|Path|None=None, # None = <runs>/<selfplay.out_dir>/buffer (where self-play writes)
@@ -318,6 +318,13 @@ def new_trajectories(self, state:dict|None=None) -> list:
     return [e for e in buffer_episode_ids(self.buffer_path) if e not in seen]
 
 # %% ../nbs/14_promotion.ipynb #f7e87435
+def default_champion_key(cfg:Config) -> str:
+    "The stored-result key of `baselines.default_controller` (a think gate's key carries its file's digest: a refitted gate is a new champion)."
+    name = cfg.baselines.default_controller
+    if name != 'think_gate': return name
+    p = asset_path(cfg.baselines.think_gate_path)
+    return f"{name}-{sha256_file(p)[:12]}" if p.exists() else name
+
 def relabel_result(res:SuiteResult, name:str, version:str|None) -> SuiteResult:
     "The same result under another controller name/version (a challenger's result, once it is the champion)."
     return SuiteResult(name, version, res.suite, res.suite_hash, res.token_budget,
@@ -325,7 +332,7 @@ def relabel_result(res:SuiteResult, name:str, version:str|None) -> SuiteResult:
 
 @patch_to(OnlineLearningCoordinator)
 def save_result(self, key:str, res:SuiteResult, suite_hash:str) -> Path:
-    "Keep `res` as the benchmark result of `key` (a version or 'threshold') for this suite and config."
+    "Keep `res` as the benchmark result of `key` (a version, or `default_champion_key`) for this suite and config."
     r = SuiteResult(res.controller, res.version, res.suite, res.suite_hash, res.token_budget, res.records,
                     {**res.meta, 'stored_for': {'key': key, 'suite_hash': suite_hash, 'config_hash': config_hash(self.cfg)}})
     return r.save(self.reports_dir/'results'/f"{key}.json")
@@ -345,7 +352,7 @@ def stored_result(self, key:str, suite_hash:str) -> SuiteResult|None:
 @patch_to(OnlineLearningCoordinator)
 def _bare_report(self, status:str, started:str, reasons:list, ids:list=(), champion:str|None=None,
                  error:str|None=None, extra:dict|None=None) -> TrainingReport:
-    return TrainingReport(started, _now(), list(ids), 0, {'version': champion, 'label': champion or 'threshold'},
+    return TrainingReport(started, _now(), list(ids), 0, {'version': champion, 'label': champion or self.cfg.baselines.default_controller},
                           {'version': None}, {'accepted': False, 'reasons': list(reasons)}, None, None,
                           config_hash(self.cfg), dict(extra or {}), status, error)
 
@@ -400,12 +407,12 @@ def benchmark(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
     "Stage: the champion's and the challenger's `SuiteResult` on the suite (the champion's reused when stored)."
     t = time.perf_counter()
     if coord.suite is None: coord.suite = get_suite(coord.cfg)
-    key = run.champion_version or 'threshold'
+    key = run.champion_version or default_champion_key(coord.cfg)
     run.kept = coord.stored_result(key, coord.suite.hash) if coord.reuse_results else None
-    ctls = ([] if run.kept else [coord.controller_fn(key)]) + [coord.controller_fn(Path(run.trained.checkpoint))]
+    ctls = ([] if run.kept else [coord.controller_fn(run.champion_version)]) + [coord.controller_fn(Path(run.trained.checkpoint))]
     out = coord.evaluate_fn(coord.cfg, ctls, suite=coord.suite, progress=run.progress)
     run.challenger = out[-1]
-    run.champion = relabel_result(run.kept, 'threshold' if run.champion_version is None else 'policy', run.champion_version) if run.kept else out[0]
+    run.champion = relabel_result(run.kept, coord.cfg.baselines.default_controller if run.champion_version is None else 'policy', run.champion_version) if run.kept else out[0]
     if not run.kept and not run.dry_run: coord.save_result(key, run.champion, coord.suite.hash)
     run.times['evaluate_s'] = time.perf_counter() - t
 
@@ -424,7 +431,7 @@ def register_and_promote(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
     if run.dry_run: return
     dec, champ_v, tr = run.decision, run.champion_version, run.trained
     meta = dict(checkpoint_meta(tr.checkpoint), parent_version=champ_v, training_data_ids=list(run.ids), config=coord.cfg,
-                benchmark=run.challenger.summary(), notes=f"challenger of {champ_v or 'threshold'}: {'accepted' if dec.accepted else 'rejected'}")
+                benchmark=run.challenger.summary(), notes=f"challenger of {champ_v or coord.cfg.baselines.default_controller}: {'accepted' if dec.accepted else 'rejected'}")
     run.challenger_version = v = coord.registry.register(tr.checkpoint, meta, who=coord.who)
     coord.save_result(v, run.challenger, coord.suite.hash)
     if dec.accepted:
@@ -508,7 +515,7 @@ def report_table(report:TrainingReport|dict) -> str:
     rows = [('cycle', r.get('cycle') if r.get('cycle') is not None else '— (not written)'), ('status', r.get('status', '')),
             ('started / finished', f"{r.get('started_at', '')} / {r.get('finished_at', '')}"),
             ('new trajectories', f"{len(ids)}" + (f" ({ids[0]} … {ids[-1]})" if ids else '')), ('training samples', r.get('n_samples', 0)),
-            ('champion', f"{ch.get('label') or ch.get('version') or 'threshold'}"),
+            ('champion', f"{ch.get('label') or ch.get('version') or '—'}"),
             ('challenger', f"{cl.get('label', '—')}" + (f" registered as {cl['version']}" if cl.get('version') else ''))]
     if 'score_delta' in m or 'reward_delta' in m:
         met = m.get('metric', 'reward'); sc = 'score' if 'score_delta' in m else 'reward'

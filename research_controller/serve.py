@@ -82,9 +82,11 @@ class RegistryResolver:
     def __call__(self, spec:str|None=None):
         "The controller for `spec`: None/'active', a version ('v3', 'v0003') or a baseline name."
         key = self._key(spec)
+        fallback = spec in (None, '', 'active') and key in LEARNED  # the default controller: a misfit warns instead of refusing
         with self._lock:
-            if key not in self._cache: self._cache[key] = resolve_controller(self.cfg, key, self.registry)
-            return self._cache[key]
+            if (key, fallback) not in self._cache:
+                self._cache[key, fallback] = LEARNED[key](self.cfg, strict=False) if fallback else resolve_controller(self.cfg, key, self.registry)
+            return self._cache[key, fallback]
 
     def __repr__(self): return f"RegistryResolver(active={self.registry.active()!r}, versions={len(self.registry.versions())})"
 

@@ -24,9 +24,9 @@ from .selfplay import default_buffer_path
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'LOSS_KEYS', 'WANDB_HINT', 'open_buffer', 'BufferData', 'StepSampler', 'make_loader', 'lr_factor',
-           'TrainCallback', 'TensorBoardLogger', 'WandbLogger', 'TrainResult', 'Trainer', 'train', 'plot_losses',
-           'fit_think_gate']
+__all__ = ['log', 'LOSS_KEYS', 'WANDB_HINT', 'GATE_MODELS', 'open_buffer', 'BufferData', 'StepSampler', 'make_loader',
+           'lr_factor', 'TrainCallback', 'TensorBoardLogger', 'WandbLogger', 'TrainResult', 'Trainer', 'train',
+           'plot_losses', 'fit_think_gate']
 
 # %% ../nbs/12_train.ipynb #b77742e4
 def open_buffer(path:str|Path) -> ReplayBuffer:
@@ -333,30 +333,50 @@ def _logit_fit(Z:np.ndarray, y:np.ndarray, w:np.ndarray, lam:float, iters:int=20
     return beta[:-1], float(beta[-1])
 
 # %% ../nbs/12_train.ipynb #fd48f4d2
+def _ridge_fit(Z:np.ndarray, y:np.ndarray, lam:float) -> tuple:
+    "(weights, bias) of an L2-penalised least-squares fit of `y` on standardised `Z` (the bias unpenalised)."
+    A = np.hstack([Z, np.ones((len(Z), 1))]); R = lam * np.eye(A.shape[1]); R[-1, -1] = 0.0
+    beta = np.linalg.solve(A.T @ A + R + 1e-9 * np.eye(A.shape[1]), A.T @ y)
+    return beta[:-1], float(beta[-1])
+
+def _gate_fit(model:str, Z:np.ndarray, d:np.ndarray, lam:float) -> tuple:
+    "(weights, bias) of one gate model: 'logistic' classifies where d > 0 (weights |d|, ties dropped); 'ridge' predicts d."
+    if model == 'ridge': return _ridge_fit(Z, d, lam)
+    keep = d != 0
+    return _logit_fit(Z[keep], (d[keep] > 0).astype(float), np.abs(d[keep]), lam)
+
+
+# %% ../nbs/12_train.ipynb #6e593b17
+GATE_MODELS = ('logistic', 'ridge')
+
 def fit_think_gate(X:np.ndarray, # [n, D] root state vectors of train-split items
                    d:np.ndarray, # [n] task score with thinking first minus without
-                   lams:Sequence[float]=(1, 10, 100, 1000, 10000), # L2 penalties tried
+                   lams:Sequence[float]=(1, 10, 100, 1000, 10000, 100000, 1000000), # L2 penalties tried (1e6: practically one choice for every prompt)
+                   models:Sequence[str]=GATE_MODELS, # gate models tried (see `_gate_fit`)
                    folds:int=5, seed:int=0,
                   ) -> dict:
-    "Gate weights (standardised features) fitted where the choice matters, the L2 penalty picked by k-fold CV on the gain over never thinking."
+    "A linear gate on standardised features (think where its score is >= 0), model and L2 penalty picked by k-fold CV on the gain over never thinking."
     X, d = np.nan_to_num(np.asarray(X, np.float64)), np.asarray(d, np.float64)
     if X.ndim != 2 or len(X) != len(d): raise ValueError(f"X must be [n, D] and d [n]; got {X.shape} and {d.shape}.")
+    if bad := [m for m in models if m not in GATE_MODELS]: raise ValueError(f"unknown gate model {bad}; choose from {list(GATE_MODELS)}.")
     keep = d != 0
     if keep.sum() < 2 * folds: raise ValueError(f"only {int(keep.sum())} items where thinking changed the score; fitting a gate needs at least {2 * folds}.")
     mu, sd = X.mean(0), np.maximum(X.std(0), 1e-6)
     Z = (X - mu) / sd
     fold = np.random.default_rng(seed).permutation(len(d)) % folds
-    cv = {}
-    for lam in lams:
-        gain = np.zeros(len(d))
-        for f in range(folds):
-            tr, te = (fold != f) & keep, fold == f
-            wv, b = _logit_fit(Z[tr], (d[tr] > 0).astype(float), np.abs(d[tr]), lam)
-            gain[te] = np.where(Z[te] @ wv + b >= 0, d[te], 0.0)
-        cv[lam] = float(gain.mean())
-    lam = max(cv, key=lambda l: (cv[l], l))  # ties: the stronger penalty
-    wv, b = _logit_fit(Z[keep], (d[keep] > 0).astype(float), np.abs(d[keep]), lam)
+    cv = {m: {} for m in models}
+    for m in models:
+        for lam in lams:
+            gain = np.zeros(len(d))
+            for f in range(folds):
+                tr, te = fold != f, fold == f
+                wv, b = _gate_fit(m, Z[tr], d[tr], lam)
+                gain[te] = np.where(Z[te] @ wv + b >= 0, d[te], 0.0)
+            cv[m][lam] = float(gain.mean())
+    model, lam = max(((m, l) for m in models for l in lams), key=lambda ml: (cv[ml[0]][ml[1]], ml[1], -models.index(ml[0])))
+    wv, b = _gate_fit(model, Z, d, lam)
     think = Z @ wv + b >= 0
-    return dict(kind='think_gate', w=wv.tolist(), b=b, mu=mu.tolist(), sd=sd.tolist(), lam=lam, cv_gain=cv, folds=folds,
+    return dict(kind='think_gate', model=model, w=wv.tolist(), b=b, mu=mu.tolist(), sd=sd.tolist(), lam=lam, cv_gain=cv, folds=folds,
                 n=int(len(d)), n_informative=int(keep.sum()), train_gain=float(np.where(think, d, 0).mean()),
                 think_share=float(think.mean()), oracle_gain=float(np.maximum(d, 0).mean()), always_think_gain=float(d.mean()))
+

@@ -20,7 +20,7 @@ SETS = ['features.drift_embedder=slm', 'serve.max_new_tokens=32', 'serve.max_con
 
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
-    "`rc serve` on a free loopback port, its runs (registry: none, so `active` is the threshold controller; the served log) in a temp dir."
+    "`rc serve` on a free loopback port, its runs (registry: none, so `active` is the default controller, the think gate; the served log) in a temp dir."
     assert RC.exists(), f"no installed rc command at {RC}; run `pip install -e .` in the project's environment"
     tmp = tmp_path_factory.mktemp('rc_serve')
     port, sets = free_port(), SETS + [f"paths.runs_dir={tmp/'runs'}"]
@@ -56,7 +56,7 @@ def test_models_list(server):
     "GET /v1/models lists 'active', the baselines (and versions); a model can be retrieved; 'active' says what it serves."
     models = {m.id: m for m in server['client'].models.list()}
     assert {'active', 'greedy', 'threshold', 'sampling', 'best_of_n'} <= set(models), sorted(models)
-    assert models['active'].serves == 'threshold' and models['greedy'].kind == 'baseline', models['active']
+    assert models['active'].serves == 'think_gate' and models['greedy'].kind == 'baseline', models['active']
     assert server['client'].models.retrieve('greedy').id == 'greedy'
 
 
