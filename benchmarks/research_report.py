@@ -9,6 +9,7 @@ against the reference controller at each budget with CIs, MDE and Holm-corrected
 
 Usage:  python benchmarks/research_report.py --from benchmarks/results/research_smollm2 \
             --from benchmarks/results/research_smollm2_think --out benchmarks/results/research_smollm2_all [--reference greedy]
+            [--set evaluate.test=permutation]
 Nothing is generated or scored: it reads the stored results only (seconds).
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ def main(argv=None) -> int:
     ap.add_argument('--from', dest='dirs', action='append', required=True, help="a sweep's --out-dir (its budgets/ folder is read)")
     ap.add_argument('--out', required=True, help="where budgets.md and the curves go")
     ap.add_argument('--reference', default='greedy', help="the controller every other one is compared with")
+    ap.add_argument('--set', dest='sets', action='append', default=[], metavar='KEY=VALUE',
+                    help="config overrides for the statistics, e.g. evaluate.test=permutation")
     a = ap.parse_args(argv)
     from research_controller.config import load_config
     from research_controller.evaluate import SuiteResult, write_budget_report
@@ -37,7 +40,10 @@ def main(argv=None) -> int:
     if a.reference not in labels: print(f"error: no results of the reference {a.reference!r}; stored: {labels}.", file=sys.stderr); return 2
     order = [a.reference] + [l for l in labels if l != a.reference]
     results.sort(key=lambda r: (r.token_budget, order.index(r.label)))
-    paths = write_budget_report(results, load_config(), a.out)
+    from research_controller.config import ConfigError
+    try: cfg = load_config(overrides=a.sets)
+    except ConfigError as e: print(f"error: {e}", file=sys.stderr); return 2
+    paths = write_budget_report(results, cfg, a.out)
     print(f"{len(results)} results ({len(labels)} controllers, budgets {sorted({r.token_budget for r in results})}) -> {paths['table']}")
     return 0
 

@@ -235,7 +235,7 @@ class EvaluateConfig:
     bootstrap: int = setting(2000, "paired bootstrap resamples", unit='resamples', lo=100, hi=10**7)
     alpha: float = setting(0.05, "significance level of the paired tests", lo=1e-6, hi=0.5)
     correction: str = setting('holm', "multiple-comparison correction across metrics", choices=['holm', 'bonferroni', 'none'])
-    test: str = setting('wilcoxon', "paired test whose p-value is corrected and decides significance (the other is reported too)", choices=['wilcoxon', 'sign'])
+    test: str = setting('wilcoxon', "paired test whose p-value is corrected and decides significance (the others are reported too): Wilcoxon signed-rank, sign test, or a sign-flip permutation test of the mean difference", choices=['wilcoxon', 'sign', 'permutation'])
     seed: int = setting(1234, "suite and bootstrap seed", lo=0, hi=2**32 - 1)
     out_dir: str = setting('eval', "evaluation results (relative paths live under paths.runs_dir)")
 

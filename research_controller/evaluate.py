@@ -27,12 +27,13 @@ __all__ = ['TASKS', 'ITEM_KEYS', 'EVAL_FILES', 'SUITE_SPECS', 'MDE_POWER', 'METR
            'suite_spec', 'draw_items', 'build_default_suite', 'build_suite', 'get_suite', 'item_seed', 'ItemRecord',
            'SuiteResult', 'generate_item', 'generate_batch_items', 'batchable', 'batch_order', 'generate_items',
            'score_item', 'run_item', 'run_suite', 'bootstrap_means', 'bootstrap_ci', 'mde', 'PairedStat', 'wilcoxon_p',
-           'sign_test_p', 'paired_test', 'adjust_pvalues', 'Comparison', 'check_pair', 'compare', 'table_metrics',
-           'spearman', 'judge_agreement', 'agreement_table', 'compare_table', 'plot_metric_bars', 'plot_reward_terms',
-           'plot_tokens_vs_score', 'save_plots', 'write_comparison', 'default_engine', 'default_rewards',
-           'metrics_fn_for', 'as_controllers', 'evaluate_controllers', 'default_controller_names', 'CompareRun',
-           'run_compare', 'generation_hash', 'controller_generation_hash', 'budget_result_path', 'load_done',
-           'evaluate_budgets', 'plot_budget_curves', 'budget_summary', 'write_budget_report', 'run_budgets']
+           'sign_test_p', 'permutation_p', 'paired_test', 'adjust_pvalues', 'Comparison', 'check_pair', 'compare',
+           'table_metrics', 'spearman', 'judge_agreement', 'agreement_table', 'compare_table', 'plot_metric_bars',
+           'plot_reward_terms', 'plot_tokens_vs_score', 'save_plots', 'write_comparison', 'default_engine',
+           'default_rewards', 'metrics_fn_for', 'as_controllers', 'evaluate_controllers', 'default_controller_names',
+           'CompareRun', 'run_compare', 'generation_hash', 'controller_generation_hash', 'budget_result_path',
+           'load_done', 'evaluate_budgets', 'plot_budget_curves', 'budget_summary', 'write_budget_report',
+           'run_budgets']
 
 # %% ../nbs/13_evaluate.ipynb #15e7c3f0
 def sha256_json(obj) -> str:
@@ -504,18 +505,19 @@ class PairedStat:
     p_sign: float
     n_pos: int  # items where b > a
     n_neg: int  # items where b < a
-    test: str = 'wilcoxon'  # which p is corrected: 'wilcoxon' or 'sign'
+    test: str = 'wilcoxon'  # which p is corrected: 'wilcoxon', 'sign' or 'permutation'
     p_adj: float = math.nan  # corrected p of `test` across the compared metrics
     alpha: float = 0.05
     mde: float = math.nan  # minimum detectable effect of `diff` at this n (alpha two-sided, power MDE_POWER)
+    p_perm: float = math.nan  # paired sign-flip permutation test of the mean difference (the hypothesis the CI is about)
     @property
-    def p(self) -> float: return self.p_wilcoxon if self.test == 'wilcoxon' else self.p_sign
+    def p(self) -> float: return {'wilcoxon': self.p_wilcoxon, 'sign': self.p_sign}.get(self.test, self.p_perm)
     @property
     def significant(self) -> bool: return bool((self.p_adj if not math.isnan(self.p_adj) else self.p) < self.alpha)
     def __repr__(self):
         return (f"{self.metric}: {self.mean_b:.3f} vs {self.mean_a:.3f}, diff {self.diff:+.3f} "
                 f"[{self.ci_lo:+.3f}, {self.ci_hi:+.3f}], MDE {self.mde:.3f}, n={self.n} (+{self.n_pos}/-{self.n_neg}), "
-                f"p_wilcoxon={self.p_wilcoxon:.3g} p_sign={self.p_sign:.3g} p_adj={self.p_adj:.3g}")
+                f"p_wilcoxon={self.p_wilcoxon:.3g} p_sign={self.p_sign:.3g} p_perm={self.p_perm:.3g} p_adj={self.p_adj:.3g}")
 
 # %% ../nbs/13_evaluate.ipynb #cabf8770
 def wilcoxon_p(d) -> float:
@@ -532,13 +534,22 @@ def sign_test_p(n_pos:int, n_neg:int) -> float:
     from scipy import stats as sstats
     return float(sstats.binomtest(n_pos, n_pos + n_neg, 0.5).pvalue) if n_pos + n_neg else 1.0
 
+# %% ../nbs/13_evaluate.ipynb #801e7da3
+def permutation_p(d, n:int=2000, # differences b - a; random sign flips
+                  seed:int=0) -> float:
+    "Two-sided paired sign-flip permutation p of mean(d) (with the +1 correction, so never 0)."
+    d = np.asarray(d, float); d = d[d != 0]
+    if len(d) == 0: return 1.0
+    flips = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n, len(d)))
+    return float((1 + (np.abs(flips @ d) >= abs(d.sum()) - 1e-12).sum()) / (n + 1))
+
 # %% ../nbs/13_evaluate.ipynb #57353282
 def paired_test(a, b, metric:str='reward', n_boot:int=2000, alpha:float=0.05, seed:int=0, test:str='wilcoxon',
                 tol:float=1e-12) -> PairedStat:
-    "Paired bootstrap CI of mean(b - a), its minimum detectable effect, Wilcoxon signed-rank and sign test; pairs with a NaN are dropped."
+    "Paired bootstrap CI of mean(b - a), its minimum detectable effect, Wilcoxon signed-rank, sign and sign-flip permutation tests; pairs with a NaN are dropped."
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.shape != b.shape: raise ValueError(f"paired_test needs equally long a and b, got {a.shape} and {b.shape}.")
-    if test not in ('wilcoxon', 'sign'): raise ValueError(f"test must be 'wilcoxon' or 'sign', got {test!r}.")
+    if test not in ('wilcoxon', 'sign', 'permutation'): raise ValueError(f"test must be 'wilcoxon', 'sign' or 'permutation', got {test!r}.")
     keep = ~(np.isnan(a) | np.isnan(b)); a, b = a[keep], b[keep]
     if len(a) == 0: raise ValueError(f"no item has a value of {metric!r} for both controllers.")
     d = b - a; d[np.abs(d) <= tol] = 0.0
@@ -548,7 +559,7 @@ def paired_test(a, b, metric:str='reward', n_boot:int=2000, alpha:float=0.05, se
     p_w = wilcoxon_p(d)
     p_s = sign_test_p(n_pos, n_neg)
     return PairedStat(metric, len(d), float(a.mean()), float(b.mean()), float(d.mean()), float(lo), float(hi),
-                      p_w, p_s, n_pos, n_neg, test, math.nan, alpha, mde(d, alpha))
+                      p_w, p_s, n_pos, n_neg, test, math.nan, alpha, mde(d, alpha), permutation_p(d, n_boot, seed))
 
 # %% ../nbs/13_evaluate.ipynb #dea7abde
 def adjust_pvalues(ps, method:str='holm') -> np.ndarray:
@@ -581,11 +592,11 @@ class Comparison:
     def table(self) -> str:
         "Markdown table of the comparison."
         lvl = f"{1 - self.alpha:.0%}"
-        rows = [f"| metric | n | {self.a} | {self.b} | diff [{lvl} CI] | MDE | p Wilcoxon | p sign | p {self.test} ({self.correction}) | sig. |",
-                "|---|---:|---:|---:|---|---:|---:|---:|---:|:-:|"]
+        rows = [f"| metric | n | {self.a} | {self.b} | diff [{lvl} CI] | MDE | p Wilcoxon | p sign | p permutation | p {self.test} ({self.correction}) | sig. |",
+                "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|:-:|"]
         for m, s in self.stats.items():
             rows.append(f"| {m} | {s.n} | {s.mean_a:.3f} | {s.mean_b:.3f} | {s.diff:+.3f} [{s.ci_lo:+.3f}, {s.ci_hi:+.3f}] | {s.mde:.3f} | "
-                        f"{s.p_wilcoxon:.3g} | {s.p_sign:.3g} | {s.p_adj:.3g} | {'yes' if s.significant else 'no'} |")
+                        f"{s.p_wilcoxon:.3g} | {s.p_sign:.3g} | {s.p_perm:.3g} | {s.p_adj:.3g} | {'yes' if s.significant else 'no'} |")
         return '\n'.join(rows)
     def _repr_markdown_(self): return self.table()
     def __repr__(self): return f"Comparison({self.b!r} - {self.a!r} on {self.suite}[{self.suite_hash[:12]}])\n" + self.table()
