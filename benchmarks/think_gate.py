@@ -10,8 +10,9 @@ vector (which carries the prompt's pooled hidden state): a logistic model that t
 thinking. Printed: per task the mean `d`, the
 cross-validated gain of the gate against always/never thinking and the oracle, and where the gate thinks.
 
-Every played batch is appended to the outcomes file (`--outcomes`, JSON: item id, task, both arms' scores and tokens,
-under a key of the generation settings), so a killed run resumes where it stopped and a refit (`--refit`) reads the
+Every played batch is appended to the outcomes file (`--outcomes`, JSON: per arm, the generation settings it depends on
+and each item's task score and tokens; greedy's outcomes stay valid when only the thought settings change), so a killed
+run resumes where it stopped and a refit (`--refit`) reads the
 stored outcomes and only recomputes the root state vectors (one prefill per prompt, no generation).
 
 Usage:  python benchmarks/think_gate.py [--squad 100 --wikitext 40 --nq 30 --gsm8k 20] [--seed 7] [--budget 64]
@@ -61,28 +62,34 @@ def main(argv=None) -> int:
                         for i in range(0, len(items), a.batch)])
     arms = {'answer': GreedyBaseline(cfg), 'think': ThinkThenAnswer(cfg)}
     out_path = Path(a.outcomes or f'benchmarks/results/think_gate_outcomes_seed{a.seed}.json')
-    key = json.dumps(dict(slm=eng.fingerprint, budget=a.budget, thought_style=cfg.macro.thought_style,
-                          open=cfg.macro.thought_open_text, close=cfg.macro.thought_close_text), sort_keys=True)
+    keys = {'answer': json.dumps(dict(slm=eng.fingerprint, budget=a.budget), sort_keys=True),  # greedy never thinks
+            'think': json.dumps(dict(slm=eng.fingerprint, budget=a.budget, thought_style=cfg.macro.thought_style,
+                                     open=cfg.macro.thought_open_text, close=cfg.macro.thought_close_text,
+                                     answer_after_thought=cfg.macro.answer_after_thought), sort_keys=True)}
     store = json.loads(out_path.read_text()) if out_path.exists() else {}
-    if store and store.get('key') != key:
-        print(f"error: {out_path} holds outcomes played under other settings ({store.get('key')}); "
-              f"give another --outcomes file or delete it.", file=sys.stderr); return 2
-    store.setdefault('key', key); done = store.setdefault('items', {})
-    todo = [it for it in items if not all(k in done.get(uid(it), {}) for k in arms)]
+    if store and 'arms' not in store:
+        print(f"error: {out_path} is not an outcomes file of this script (no 'arms'); give another --outcomes file.", file=sys.stderr); return 2
+    arms_store = store.setdefault('arms', {})
+    for k in arms:
+        got = arms_store.setdefault(k, {'key': keys[k], 'items': {}})
+        if got['key'] != keys[k]:
+            print(f"error: {out_path} holds {k!r} outcomes played under other settings ({got['key']}; now {keys[k]}); "
+                  f"give another --outcomes file or delete that arm from it.", file=sys.stderr); return 2
+    done = {k: arms_store[k]['items'] for k in arms}
+    todo = [it for it in items if any(uid(it) not in done[k] for k in arms)]
     if todo and a.refit:
-        print(f"error: --refit, but {len(todo)} of {len(items)} items have no stored outcome in {out_path}; "
+        print(f"error: --refit, but {len(todo)} of {len(items)} items lack a stored outcome in {out_path}; "
               f"run without --refit to play them.", file=sys.stderr); return 2
-    with tqdm(total=len(todo) * len(arms), desc='both arms', unit='item') as bar:
+    with tqdm(total=sum(uid(it) not in done[k] for it in items for k in arms), desc='both arms', unit='item') as bar:
         for k, ctl in arms.items():
-            rest = [it for it in todo if k not in done.get(uid(it), {})]
+            rest = [it for it in items if uid(it) not in done[k]]
             for i in range(0, len(rest), a.batch):
                 its = rest[i:i + a.batch]
                 for it, r in zip(its, ctl.generate_batch(eng, [it['prompt'] for it in its], a.budget, seeds=0, items=its)):
-                    done.setdefault(uid(it), dict(task=it['task']))[k] = dict(
-                        score=task_score(it, r.text)[TASK_METRIC[it['task']]], tokens=r.tokens)
+                    done[k][uid(it)] = dict(task=it['task'], score=task_score(it, r.text)[TASK_METRIC[it['task']]], tokens=r.tokens)
                 atomic_write_json(out_path, store); bar.update(len(its))
-    score = {k: np.array([done[uid(it)][k]['score'] for it in items]) for k in arms}
-    toks = {k: np.array([done[uid(it)][k]['tokens'] for it in items]) for k in arms}
+    score = {k: np.array([done[k][uid(it)]['score'] for it in items]) for k in arms}
+    toks = {k: np.array([done[k][uid(it)]['tokens'] for it in items]) for k in arms}
     d = score['think'] - score['answer']
     try: gate = fit_think_gate(X, d, seed=a.seed)
     except ValueError as e: print(f"error: {e} Fix: play more items (--squad, --wikitext, ...).", file=sys.stderr); return 2
@@ -90,7 +97,8 @@ def main(argv=None) -> int:
     z = (np.nan_to_num(X) - np.array(gate['mu'])) / np.array(gate['sd'])
     think = z @ np.array(gate['w']) + gate['b'] >= 0
     gate.update(slm_fingerprint=eng.fingerprint, feature_dim=eng.feature_dim, thought_style=cfg.macro.thought_style,
-                thought_open_text=cfg.macro.thought_open_text, thought_close_text=cfg.macro.thought_close_text, budget=a.budget,
+                thought_open_text=cfg.macro.thought_open_text, thought_close_text=cfg.macro.thought_close_text,
+                answer_after_thought=cfg.macro.answer_after_thought, budget=a.budget,
                 split='train', seed=a.seed, tasks={t: int((tasks == t).sum()) for t in sorted(set(tasks))},
                 per_task={t: dict(mean_d=float(d[tasks == t].mean()), think_share=float(think[tasks == t].mean()),
                                   answer=float(score['answer'][tasks == t].mean()), think=float(score['think'][tasks == t].mean()))

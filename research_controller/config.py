@@ -86,6 +86,7 @@ class MacroConfig:
     thought_style: str = setting('text', "how a hidden thought is delimited: plain-text phrases the SLM already reads (below; measured better: benchmarks/thought_delimiters.py), or the special tokens `slm.thought_open`/`thought_close`, new to the frozen SLM", choices=['tokens', 'text'])
     thought_open_text: str = setting('', "phrase that opens a thought when thought_style = text ('' = none: the thought is what the SLM writes first; hidden from the answer with the thought)", empty=True)
     thought_close_text: str = setting('\n\nSo the answer in a few words is', "phrase that closes a thought when thought_style = text; the visible answer follows it")
+    answer_after_thought: bool = setting(True, "after a closed thought the answer may not end before its first word (a letter or digit): no end-of-turn right after the close phrase or a lone ':'")
 
 # %% ../nbs/00_config.ipynb #6b065d78
 @dataclass(frozen=True)

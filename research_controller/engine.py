@@ -166,6 +166,7 @@ class Engine:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self.eos_ids = {int(e) for e in [*eos, tok.eos_token_id] if e is not None}
+        self.eos_list = sorted(self.eos_ids)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos_ids)
         self.suppress = torch.tensor([self.open_id, self.close_id], device=self.device)
         self.feature_dim, self.feature_names = feature_dim(self.hidden_size), feature_names(self.hidden_size)
@@ -394,6 +395,7 @@ class _Row:
     forced: deque = field(default_factory=deque)  # (id, tag) still to feed: the plan's delimiters, or a close under way
     close_seq: tuple = ()  # the close delimiter's ids
     tags: list = field(default_factory=list)  # `TAG_*` of each token in `toks`
+    pending: bool = False  # a thought closed and no visible word followed yet (macro.answer_after_thought: EOS is masked)
 
     def next_kind(self):
         "('forced', (id, tag)) / ('sample', None) / ('end', None) for the next token."
@@ -428,6 +430,14 @@ def _sample(self:Engine, x:torch.Tensor, rows:list[_Row]) -> list[int]:
     return idx.gather(1, j).squeeze(1).tolist()
 
 # %% ../nbs/04_engine.ipynb #e989e02a
+def _answer_pending(engine:'Engine', seg:Segment) -> bool:
+    "True when a thought has closed on `seg`'s chain and no visible word (a letter or digit) has followed it yet."
+    ids, tags = seg.gen_ids(), seg.gen_tags()
+    last = max((i for i, g in enumerate(tags) if g == TAG_CLOSE), default=None)
+    if last is None: return False
+    after = [t for t, g in zip(ids[last + 1:], tags[last + 1:]) if g == TAG_VISIBLE]
+    return not any(ch.isalnum() for ch in engine.tok.decode(after))
+
 @patch
 @torch.inference_mode()
 def _run(self:Engine, rows:list[_Row]) -> None:
@@ -445,6 +455,7 @@ def _run(self:Engine, rows:list[_Row]) -> None:
         r.inside, r.hsum = r.plan.base.in_thought or r.plan.action == Action.THINK_BEGIN, torch.zeros(self.hidden_size)
         r.logits, r.ls = r.prefix.logits, (r.prefix.entropy, r.prefix.varentropy, r.prefix.logit_gap)  # kept when nothing is forwarded (an empty open)
         r.hvis = torch.zeros(self.hidden_size)
+        r.pending = self.cfg.macro.answer_after_thought and not r.inside and _answer_pending(self, r.prefix)
     pos = torch.tensor([[r.prefix.end] for r in rows], device=self.device)
     cache = _BufferCache(buf, P)
     x, lp, _ = self._next_stats(torch.stack([r.prefix.logits for r in rows]))
@@ -454,6 +465,8 @@ def _run(self:Engine, rows:list[_Row]) -> None:
             if k == 'end': r.finished = True
         if all(r.finished for r in rows): break
         toks = [self.pad_id] * B
+        for b, (k, _) in enumerate(kinds):  # macro.answer_after_thought: no end of the answer before its first word
+            if k == 'sample' and rows[b].pending and not rows[b].inside: x[b, self.eos_list] = -float('inf')
         greedy = [b for b, (k, _) in enumerate(kinds) if k == 'sample' and rows[b].temperature == 0]
         if greedy:
             am = x[greedy].argmax(-1).tolist()
@@ -466,10 +479,11 @@ def _run(self:Engine, rows:list[_Row]) -> None:
             if k == 'forced':
                 toks[b], g = r.forced.popleft()
                 if g == TAG_OPEN: r.inside = True
-                elif g == TAG_CLOSE: r.inside = False
+                elif g == TAG_CLOSE: r.inside, r.pending = False, self.cfg.macro.answer_after_thought
             elif k == 'sample':
                 t = toks[b]; r.n_sampled += 1; g = TAG_THOUGHT if r.inside else TAG_VISIBLE
                 if not r.inside: r.lp_sum += float(lp[b, t]); r.lp_n += 1
+                if r.pending and not r.inside and any(ch.isalnum() for ch in self.tok.decode([t])): r.pending = False
                 if t in self.eos_ids:
                     r.eos, g = True, TAG_EOS
                     if r.inside:  # EOS inside a thought closes it instead of ending the answer
