@@ -2,7 +2,8 @@
 
 A hidden thought is opened and closed either by the two special tokens the loader adds (`macro.thought_style=tokens`:
 new to the frozen SLM, their embedding rows initialised from phrase embeddings) or by plain-text phrases it already
-reads (`macro.thought_style=text`: `macro.thought_open_text`, `macro.thought_close_text`). Both are measured with
+reads (`macro.thought_style=text`: `macro.thought_open_text`, `macro.thought_close_text`), the latter with and without
+`macro.answer_after_thought` (the answer may not end before its first word). They are measured with
 the same scripted use of a thought, the `think_answer` controller (open a thought, write to its first sentence end,
 close it, answer to the first sentence end), beside greedy and greedy-with-a-stop-rule, on the same items at the same
 token budget (every token forwarded counts: thought and delimiters included):
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     model, tok = load_slm(base)
     items = load_task_items(base, a.task, 'train', n=a.n, seed=a.seed)
     metric = TASK_METRIC[a.task]
-    arms = [('greedy', []), ('greedy_stop', []), ('think_answer', ['macro.thought_style=tokens']), ('think_answer', ['macro.thought_style=text'])]
+    arms = [('greedy', []), ('greedy_stop', []), ('think_answer', ['macro.thought_style=tokens']),
+            ('think_answer', ['macro.thought_style=text', 'macro.answer_after_thought=false']), ('think_answer', ['macro.thought_style=text'])]
     rows, t0 = [], time.time()
     for name, ov in arms:
         cfg = load_config(overrides=[*a.sets, *ov]); eng = Engine(model, tok, cfg); ctl = BASELINES[name](cfg)
@@ -76,19 +78,22 @@ def main(argv=None) -> int:
             texts, toks, first = [r.text for r in res], [r.tokens for r in res], [None] * len(res)
         scores = [task_score(it, x)[metric] for it, x in zip(items, texts)]
         fl = [x for x in first if x is not None]
-        rows.append(dict(controller=name, style=cfg.macro.thought_style if name == 'think_answer' else None, scores=scores,
+        style = (cfg.macro.thought_style + ('+word' if cfg.macro.answer_after_thought else '')) if name == 'think_answer' else None
+        rows.append(dict(controller=name, style=style, answer_after_thought=cfg.macro.answer_after_thought, scores=scores,
                          mean=float(np.mean(scores)), tokens=float(np.mean(toks)), empty=int(sum(not x.strip() for x in texts)),
                          first_token_logprob=float(np.mean(fl)) if fl else None, seconds=round(time.time() - t, 1), texts=texts))
-        print(f"{name:13} {rows[-1]['style'] or '':6} {metric} {rows[-1]['mean']:.3f}  tokens {rows[-1]['tokens']:.1f}  empty {rows[-1]['empty']:2}"
+        print(f"{name:13} {rows[-1]['style'] or '':11} {metric} {rows[-1]['mean']:.3f}  tokens {rows[-1]['tokens']:.1f}  empty {rows[-1]['empty']:2}"
               f"  first visible token log-prob {rows[-1]['first_token_logprob'] if fl else float('nan'):.2f}  ({rows[-1]['seconds']:.0f} s)", flush=True)
     g = np.array(rows[0]['scores'])
     print(f"\n{len(items)} train-split {a.task} items (seed {a.seed}), {a.budget} tokens per item; paired difference vs greedy [95% bootstrap CI]:")
     for r in rows[1:]:
         d = np.array(r['scores']) - g; lo, hi = bootstrap_ci(d)
         r['delta_vs_greedy'] = [float(d.mean()), float(lo), float(hi)]
-        print(f"  {r['controller']:13} {r['style'] or '':6} {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        print(f"  {r['controller']:13} {r['style'] or '':11} {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]")
     best = max((r for r in rows if r['controller'] == 'think_answer'), key=lambda r: r['mean'])
-    print(f"better delimiters here: {best['style']} (macro.thought_style default: {load_config().macro.thought_style})")
+    d0 = load_config().macro
+    print(f"better here: {best['style']} (defaults: macro.thought_style={d0.thought_style}, macro.answer_after_thought={d0.answer_after_thought}; "
+          f"'+word': the answer may not end before its first word)")
     atomic_write_json(a.out, dict(task=a.task, n=len(items), seed=a.seed, budget=a.budget, split='train', threads=a.threads,
                                   seconds=round(time.time() - t0, 1), arms=rows, better=best['style']))
     print(f"wrote {a.out}")
