@@ -18,13 +18,6 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('HF_DATASETS
 import numpy as np
 
 
-def spearman(a:np.ndarray, b:np.ndarray) -> float:
-    "Spearman's rho (average ranks for ties); NaN when either side is constant."
-    from scipy.stats import spearmanr
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0: return float('nan')
-    return float(spearmanr(a, b).statistic)
-
-
 def auc(score:np.ndarray, pos:np.ndarray) -> float:
     "Area under the ROC curve of `score` for the boolean labels `pos` (ties count one half); NaN without both classes."
     p, n = score[pos], score[~pos]
@@ -32,12 +25,12 @@ def auc(score:np.ndarray, pos:np.ndarray) -> float:
     return float(((p[:, None] > n[None, :]).sum() + 0.5 * (p[:, None] == n[None, :]).sum()) / (len(p) * len(n)))
 
 
-def boot_ci(f, *xs, n:int=2000, seed:int=0) -> list:
-    "95% percentile bootstrap CI of the statistic `f(*xs)` over items."
-    rng, m = np.random.default_rng(seed), len(xs[0])
-    vals = [f(*(x[idx] for x in xs)) for idx in (rng.integers(0, m, m) for _ in range(n))]
-    vals = [v for v in vals if not np.isnan(v)]
-    return [float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))] if vals else [float('nan')] * 2
+def boot_ci(score:np.ndarray, d:np.ndarray, n:int=2000, seed:int=0) -> list:
+    "95% percentile bootstrap CI of Spearman's rho of (score, d) over items."
+    from research_controller.evaluate import spearman
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))
+    boots = spearman(score[idx], d[idx])
+    return [float(q) for q in np.nanquantile(boots, [0.025, 0.975])] if np.isfinite(boots).any() else [float('nan')] * 2
 
 
 def main(argv=None) -> int:
@@ -53,7 +46,7 @@ def main(argv=None) -> int:
     from research_controller.config import atomic_write_json, load_config
     from research_controller.controllers import GateError, ThinkGate, load_think_gate
     from research_controller.engine import Engine
-    from research_controller.evaluate import SuiteResult, build_suite
+    from research_controller.evaluate import SuiteResult, build_suite, spearman
     from research_controller.slm import load_slm
     try:
         res = {k: SuiteResult.load(p) for k, p in (('think', a.think), ('greedy', a.greedy))}
@@ -86,7 +79,7 @@ def main(argv=None) -> int:
     for t in [*sorted(set(tasks)), 'all']:
         m = np.ones(len(d), bool) if t == 'all' else tasks == t
         s, dd = score[m], d[m]; nz = dd != 0
-        rho, ci = spearman(s, dd), boot_ci(spearman, s, dd)
+        rho, ci = float(spearman(s, dd)), boot_ci(s, dd)
         au = auc(s[nz], dd[nz] > 0)
         took, oracle = float(np.where(s >= 0, dd, 0).mean()), float(np.maximum(dd, 0).mean())
         out[t] = dict(n=int(m.sum()), rho=rho, rho_ci=ci, auc=au, n_differ=int(nz.sum()), think_share=float((s >= 0).mean()),

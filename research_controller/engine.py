@@ -455,7 +455,8 @@ def _run(self:Engine, rows:list[_Row]) -> None:
         r.inside, r.hsum = r.plan.base.in_thought or r.plan.action == Action.THINK_BEGIN, torch.zeros(self.hidden_size)
         r.logits, r.ls = r.prefix.logits, (r.prefix.entropy, r.prefix.varentropy, r.prefix.logit_gap)  # kept when nothing is forwarded (an empty open)
         r.hvis = torch.zeros(self.hidden_size)
-        r.pending = self.cfg.macro.answer_after_thought and not r.inside and _answer_pending(self, r.prefix)
+        r.pending = (self.cfg.macro.answer_after_thought and not r.inside and r.plan.base.n_thoughts > 0  # no thought yet: nothing to read
+                     and _answer_pending(self, r.prefix))
     pos = torch.tensor([[r.prefix.end] for r in rows], device=self.device)
     cache = _BufferCache(buf, P)
     x, lp, _ = self._next_stats(torch.stack([r.prefix.logits for r in rows]))

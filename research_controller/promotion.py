@@ -19,7 +19,7 @@ from .selfplay import run_selfplay
 from .train import open_buffer, train
 from .evaluate import Comparison, SuiteError, SuiteResult, check_pair, compare, evaluate_controllers, get_suite
 from .registry import ControllerRegistry, RegistryError, _now, version_name
-from .controllers import asset_path, load_controller, resolve_controller
+from .controllers import load_controller, resolve_controller
 from .cases import CaseIndex, CaseStoreError, default_embedder
 
 # %% auto #0
@@ -319,11 +319,10 @@ def new_trajectories(self, state:dict|None=None) -> list:
 
 # %% ../nbs/14_promotion.ipynb #f7e87435
 def default_champion_key(cfg:Config) -> str:
-    "The stored-result key of `baselines.default_controller` (a think gate's key carries its file's digest: a refitted gate is a new champion)."
+    "The stored-result key of `baselines.default_controller`; a fitted controller's key carries its `identity` (a refitted gate is a new champion)."
     name = cfg.baselines.default_controller
-    if name != 'think_gate': return name
-    p = asset_path(cfg.baselines.think_gate_path)
-    return f"{name}-{sha256_file(p)[:12]}" if p.exists() else name
+    ident = getattr(resolve_controller(cfg, name), 'identity', None)
+    return f"{name}-{ident.split(':')[-1][:12]}" if ident else name
 
 def relabel_result(res:SuiteResult, name:str, version:str|None) -> SuiteResult:
     "The same result under another controller name/version (a challenger's result, once it is the champion)."
