@@ -361,6 +361,30 @@ def _cmd_rollback(ns, cfg):
     if ev.get('repaired'): _print(f"repaired: {ev['repaired']}; active.json rewritten from the history")
     return ExitCode.OK
 
+# %% ../nbs/17_cli.ipynb #47a36080
+def _promote_args(p):
+    p.add_argument('--from-canary', action='store_true', help="decide on the canary's live feedback in serve.trajectory_log (required: offline challengers are promoted by rc cycle)")
+    p.add_argument('--canary', default=None, metavar='vN', help="the registered version to promote (default serve.canary_version)")
+    p.add_argument('--dry-run', action='store_true', help="decide, but promote and write nothing")
+    p.add_argument('--who', default=None, help="who promotes, recorded in the audit trail (default: the login name)")
+
+@command('promote', "promote the canary if its rated live traffic beats the champion's through the promotion gate (paired by prompt; audited)", _promote_args)
+def _cmd_promote(ns, cfg):
+    if not ns.from_canary: raise CLIError("rc promote needs --from-canary: it decides on the canary's live feedback; a challenger trained offline is promoted by rc cycle.")
+    from filelock import Timeout
+    from research_controller.promotion import promote_from_canary, report_table
+    if _registry(cfg) is None: raise CLIError(f"no registry at {run_path(cfg, cfg.promotion.registry_dir)}; nothing to promote.", code=ExitCode.REGISTRY)
+    try: rep = promote_from_canary(cfg, canary=ns.canary, who=ns.who or getpass.getuser(), dry_run=ns.dry_run)
+    except Timeout: raise CLIError("another cycle or promotion holds the cycle lock; try again when it is done (or raise promotion.lock_timeout_s).", code=ExitCode.SKIPPED) from None
+    _print(report_table(rep))
+    canary, champ = rep.challenger.get('version'), rep.champion.get('label')
+    if rep.status == 'promoted': _print(f"\npromoted {canary} (was {champ}) on canary evidence")
+    else:
+        why = next((r.split(': ', 1)[-1] for r in rep.decision.get('reasons', []) if r.startswith('FAIL')), 'the gate refused it')
+        verdict = 'would be promoted' if rep.decision.get('accepted') else 'not promoted'
+        _print(f"\n{'dry run: ' if ns.dry_run else ''}{canary} {verdict}" + ('' if rep.decision.get('accepted') else f": {why}"))
+    return ExitCode.OK
+
 # %% ../nbs/17_cli.ipynb #bfc45111
 def _cases_args(p):
     p.add_argument('prompt', help="the new prompt")
@@ -452,7 +476,7 @@ def cores_busy(load:float|None=None, # 1-minute load average; None = os.getloada
     why = ([f"load {load:.1f}"] if load >= n else []) + [f"{c} is running as pid {pid}" for pid, c in others]
     if not why: return None
     return (f"the {n} CPU core{'s' * (n != 1)} are busy ({'; '.join(why)}): torch threads will compete and this run can be several "
-            "times slower than its share of the cores. Run one rc job at a time, or start each with OMP_NUM_THREADS=1 (one torch thread each).")
+            "times slower than its share of the cores. Run one rc job at a time, or give each its share (--set slm.threads=N; auto is half the cores).")
 
 # %% ../nbs/17_cli.ipynb #d080135a
 def _setup_logging(level:str):

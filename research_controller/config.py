@@ -52,8 +52,8 @@ class SLMConfig:
     cache_dir: Optional[str] = setting(None, "where converted (dequantised) models are cached as safetensors; null = the user cache dir")
     dtype: str = setting('auto', "weights/activations dtype; auto = bfloat16 on CPU, float16 on CUDA", choices=['auto', 'bfloat16', 'float16', 'float32'])
     device: str = setting('auto', "torch device; auto = cuda when present, else cpu", choices=['auto', 'cpu', 'cuda', 'mps'])
-    quantization: str = setting('none', "bitsandbytes weight quantisation (needs the [quant] extra; not for GGUF sources)", choices=['none', '8bit', '4bit'])
-    threads: int = setting(0, "torch intra-op threads; 0 = leave torch's default", unit='threads', lo=0, hi=1024)
+    quantization: str = setting('none', "weight quantisation: int8 = PyTorch dynamic int8 linears on the CPU (any source, computes in fp32); 8bit/4bit = bitsandbytes (the [quant] extra; not for GGUF sources)", choices=['none', 'int8', '8bit', '4bit'])
+    threads: int = setting(0, "torch intra-op threads; 0 = auto: half the cores this process may use, at least 1, so two processes fit side by side (benchmarks/thread_twins.py)", unit='threads', lo=0, hi=1024)
     attn_implementation: str = setting('eager', "attention kernel; eager is fastest for one query token on CPU", choices=['eager', 'sdpa'])
     thought_open: str = setting('<assistant_thought>', "special token that opens a hidden thought span")
     thought_close: str = setting('</assistant_thought>', "special token that closes a hidden thought span")
@@ -253,6 +253,7 @@ class PromotionConfig:
     registry_dir: str = setting('registry', "controller registry (relative paths live under paths.runs_dir)")
     min_new_trajectories: int = setting(8, "a cycle is skipped unless this many new trajectories arrived", unit='trajectories', lo=1, hi=10**8)
     reports_dir: str = setting('reports', "one JSON report per cycle (relative paths live under paths.runs_dir)")
+    served_data: bool = setting(False, "rc cycle also trains on the rated served trajectories (serve.trajectory_log, logged with serve.log_states): each decision's state vector, the action taken as the policy target, the feedback in [0, 1] mapped to [-1, 1] as the value target; off by default: they imitate whichever controller answered and rest on outside ratings")
     lock_timeout_s: float = setting(60.0, "how long a registry or report write waits for the lock held by another process", unit='s', lo=0.1, hi=86400.0)
 
 # %% ../nbs/00_config.ipynb #e08dfb5e
@@ -270,6 +271,7 @@ class ServeConfig:
     trajectory_log_max_records: int = setting(10000, "the served-trajectory log keeps at most this many generations; the oldest are dropped", unit='records', lo=1, hi=10**9)
     trajectory_log_max_bytes: int = setting(64 * 2**20, "the served-trajectory log keeps at most this many bytes of record JSON (feedback included); the oldest are dropped", unit='bytes', lo=1024, hi=2**40)
     log_prompts: bool = setting(True, "store each served prompt (or chat messages) in the served-trajectory log, so a cycle can learn from it; false = only a hash of it")
+    log_states: bool = setting(False, "store each decision's state vector (float16), legal mask and action in the served-trajectory log, what rc cycle needs to train on served traffic (promotion.served_data); about 1.6 kB per decision on the default SLM; numbers, never text")
     log_thoughts: bool = setting(False, "store hidden thought text in the served-trajectory log (an operator's opt-in; never in process logs, never in answers that did not ask)")
     canary_version: Optional[str] = setting(None, "challenger served to a share of the requests that name no model: a registry version such as 'v3' (or a baseline name); null = no canary")
     canary_share: float = setting(0.1, "share of the requests naming no model (none, '' or 'active') sent to serve.canary_version; the bandit's starting share", lo=0.0, hi=1.0)
@@ -287,6 +289,8 @@ class CasesConfig:
     min_similarity: Optional[float] = setting(0.3, "cases less similar (cosine) than this are not shown; null = all k", lo=-1.0, hi=1.0)
     min_reward: Optional[float] = setting(None, "index only cases whose best reward is at least this; null = all")
     rebuild: bool = setting(True, "rebuild the case index at the end of every cycle that is not a dry run")
+    prior_weight: float = setting(0.0, "share of the MCTS controller's root prior taken from the actions of the cases.k nearest cases above cases.min_similarity (CaseIndex.first_actions, mixed by mix_prior); 0 = off. Not in the generation hash of stored results: give a run with the prior its own out dir", lo=0.0, hi=1.0)
+    prior_decisions: int = setting(1, "decisions, from the first, whose search root gets the case prior (the cases' action at the same decision index); 1 = the first search only", unit='decisions', lo=1, hi=100000)
 
 # %% ../nbs/00_config.ipynb #97bd2f39
 @dataclass(frozen=True)

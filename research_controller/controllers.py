@@ -16,6 +16,7 @@ from .config import Config, load_config, run_path
 from .macro_actions import ACTION_NAMES, N_ACTIONS, Action
 from .engine import Engine, GenState, GenerationResult, Segment, get_engine
 from .mcts import MCTS
+from .cases import CaseIndex, CaseStoreError, cases_prior, default_embedder, mix_prior
 from .network import CheckpointError, PolicyValueNet, load_checkpoint, make_evaluator
 from .rewards import Judge, RewardCalculator, asset_path, gsm8k_extract, normalize_answer
 from .registry import ControllerRegistry, RegistryError, version_name
@@ -508,15 +509,33 @@ class MCTSController(Controller):
     "Search-at-inference controller: MCTS with the network per decision; search tokens count toward the budget."
     def __init__(self, net:PolicyValueNet, cfg:Config|None=None, n_sims:int|None=None, search_share:float=0.5,
                  name:str|None=None, version:str|None=None, slm_fingerprint:str|None=None,
-                 on_search:Sequence[Callable]=()): # callbacks `f(decision, mcts, result)` after each search, before its move
+                 on_search:Sequence[Callable]=(), # callbacks `f(decision, mcts, result)` after each search, before its move
+                 cases:CaseIndex|None=None): # case index of the root prior (cases.prior_weight > 0); None = the one at cases.path, loaded on first use
         if not 0 <= search_share < 1: raise ValueError(f"search_share must lie in [0, 1), got {search_share}.")
         self.policy = PolicyController(net, cfg, name or 'mcts', version, slm_fingerprint)
         self.cfg, self.n_sims, self.search_share = self.policy.cfg, n_sims or self.policy.cfg.mcts.n_sims, search_share
         self.name, self.version = self.policy.name, version
         self.on_search = list(on_search) if isinstance(on_search, (list, tuple)) else [on_search]
+        self.cases = cases
 
     def check(self, engine:Engine) -> None: self.policy.check(engine)
     def __repr__(self): return f"MCTSController(n_sims={self.n_sims}, search_share={self.search_share}, version={self.version!r})"
+
+# %% ../nbs/10_controllers.ipynb #c33c4181
+@patch
+def case_priors(self:MCTSController, prompt:str, # the prompt being answered
+               ) -> list:
+    "The case prior [N_ACTIONS] of each of the first `cases.prior_decisions` decisions for `prompt` ([] when `cases.prior_weight` is 0)."
+    cc = self.cfg.cases
+    if cc.prior_weight == 0: return []
+    if self.cases is None:
+        path = run_path(self.cfg, cc.path)
+        if not path.exists():
+            raise CaseStoreError(f"cases.prior_weight={cc.prior_weight} needs a case index at {str(path)!r} (cases.path), and there is none: "
+                                 "rc cycle builds one (cases.rebuild), or set cases.prior_weight=0.")
+        self.cases = CaseIndex.load(path, default_embedder(self.cfg))
+    hits = self.cases.nearest(prompt, cc.k, cc.min_similarity)
+    return [cases_prior(hits, 1, at=t) for t in range(cc.prior_decisions)]
 
 # %% ../nbs/10_controllers.ipynb #33661a38
 @patch
@@ -530,11 +549,13 @@ def generate(self:MCTSController, engine, prompt:str, max_new_tokens:int, seed:i
     worst = self.cfg.macro.chunk_tokens + 1
     state = env.root(prompt, path_budget, seed=seed)
     search_tokens = extra = 0
-    trace = []
+    trace, priors, w = [], self.case_priors(prompt), self.cfg.cases.prior_weight
     while not env.is_terminal(state):
         n = min(self.n_sims, (pool - search_tokens)//worst)
+        c = priors[len(trace)] if len(trace) < len(priors) else None  # no similar case (all zeros): the network's prior, untouched
+        hook = (lambda P, m, c=c: mix_prior(P, c, w, m)) if c is not None and c.any() else None
         if n >= 1:
-            r = mcts.search(state, n_sims=n)
+            r = mcts.search(state, n_sims=n, root_prior=hook)
             for f in self.on_search: f(len(trace), mcts, r)  # e.g. snapshot the tree (report.search_trees)
             search_tokens += r.tokens_spent
             a, child_known = r.action, mcts.root.children[r.action] is not None
@@ -543,14 +564,19 @@ def generate(self:MCTSController, engine, prompt:str, max_new_tokens:int, seed:i
             state = mcts.advance(a)
             if not child_known: extra += env.tokens_spent(state) - before
         else:
-            a, _ = self.policy.decide(engine, state.gs)
+            m = engine.legal_mask(state.gs)  # no search left: the network's policy decides (the case prior mixed in, if any)
+            pol = self.policy.evaluator(env.features(state)[None], m[None])[0][0]
+            if hook is not None: pol = hook(pol, m)
+            a = int(np.argmax(np.where(m, pol, -1)))
             trace.append(dict(action=ACTION_NAMES[a], n_sims=0))
+            if hook is not None: trace[-1]['root_prior'] = {k: round(float(x), 4) for k, x in zip(ACTION_NAMES, pol)}
             before = env.tokens_spent(state)
             state = env.expand([state], [a])[0]; mcts.reset()
             extra += env.tokens_spent(state) - before
     res = engine.result(state.gs, include_thoughts, {i: dict(search=t) for i, t in enumerate(trace)})
     res.meta.update(controller=self.name, version=self.version, search=trace, search_tokens=search_tokens,
                     path_tokens=int(res.tokens), path_budget=path_budget)
+    if priors: res.meta['case_prior'] = dict(weight=w, decisions=len(priors), informative=sum(bool(c.any()) for c in priors))
     return dataclasses.replace(res, tokens=int(search_tokens + extra))
 
 # %% ../nbs/10_controllers.ipynb #f45aeb5a

@@ -188,6 +188,7 @@ class SearchResult:
     stop_reason: str = 'sims' # 'sims', 'tokens' (token budget) or 'decided' (early stop)
     reused_visits: int = 0    # root visits inherited from the previous decision's subtree
     legal: np.ndarray|None = None
+    root_prior: np.ndarray|None = None  # the prior the root was searched with when a `root_prior` hook changed it (before noise); None = `priors`
 
     def to_trace(self, action_names:Sequence[str]|None=None) -> dict:
         "JSON-ready summary for the macro_trace; per-action lists, or dicts keyed by `action_names`."
@@ -198,7 +199,8 @@ class SearchResult:
                     q=per(None if np.isnan(x) else r(x) for x in self.q),
                     priors=per(r(x) for x in self.priors), policy=per(r(x) for x in self.policy),
                     root_value=r(self.root_value), n_sims=self.n_sims_done, tokens=self.tokens_spent,
-                    stopped_early=self.stopped_early, stop_reason=self.stop_reason, reused_visits=self.reused_visits)
+                    stopped_early=self.stopped_early, stop_reason=self.stop_reason, reused_visits=self.reused_visits,
+                    **({} if self.root_prior is None else dict(root_prior=per(r(x) for x in self.root_prior))))
 
     def __repr__(self):
         return (f"SearchResult(action={self.action}, visits={self.visits.astype(int).tolist()}, "
@@ -337,6 +339,7 @@ def search(self:MCTS,
            n_sims:int|None=None, # new simulations; None = cfg.n_sims
            token_budget:int|None=None, # SLM tokens this search may spend; None = cfg.token_budget; 0 = unlimited
            early_stop:bool|None=None, # stop once the decision is settled; None = cfg.early_stop and not add_noise
+           root_prior:Callable|None=None, # (network priors [A], legal mask [A]) -> the prior the root is searched with (before noise); None = the network's
           ) -> SearchResult:
     "Run PUCT simulations from `root_state` and return the decision."
     cfg = self.cfg
@@ -348,11 +351,12 @@ def search(self:MCTS,
     root = self.root
     if root.terminal: raise ValueError("search called on a terminal state; the episode is over.")
     if root.P is None: self._evaluate([root])
-    P_root = root.P
+    P_root = root.P if root_prior is None else _checked_prior(root_prior(root.P.copy(), root.mask.copy()), root.mask)
+    used = None if root_prior is None else P_root.copy()
     if add_noise:
         noise = np.zeros(self.n_actions)
         noise[root.mask] = self.rng.dirichlet([cfg.dirichlet_alpha]*int(root.mask.sum()))
-        P_root = (1 - cfg.dirichlet_frac)*root.P + cfg.dirichlet_frac*noise
+        P_root = (1 - cfg.dirichlet_frac)*P_root + cfg.dirichlet_frac*noise
     reused = int(root.N.sum())
     self._cb('on_search_begin', root_state)
     done = tokens = 0; reason = 'sims'
@@ -362,7 +366,7 @@ def search(self:MCTS,
         done += info['sims']; tokens += info['tokens']
         self._cb('on_leaf_batch', dict(info, sims_done=done, tokens_spent=tokens))
         if token_budget and tokens >= token_budget: reason = 'tokens'; break
-    res = self._result(root, done, tokens, reason, reused)
+    res = self._result(root, done, tokens, reason, reused, used)
     self._cb('on_search_end', res)
     return res
 
@@ -373,7 +377,7 @@ def _settled(self:MCTS, root:Node, remaining:int) -> bool:
     return len(n) == 1 or n[0] - n[1] > remaining
 
 @patch
-def _result(self:MCTS, root:Node, done:int, tokens:int, reason:str, reused:int) -> SearchResult:
+def _result(self:MCTS, root:Node, done:int, tokens:int, reason:str, reused:int, root_prior:np.ndarray|None=None) -> SearchResult:
     N, W, A = root.N.copy(), root.W, self.n_actions
     q = np.where(N > 0, W/np.maximum(N, 1), np.nan)
     rank_n = np.where(root.mask, N, -1)
@@ -383,7 +387,18 @@ def _result(self:MCTS, root:Node, done:int, tokens:int, reason:str, reused:int) 
                         root_value=float(W.sum()/total) if total else root.v, visits=N.astype(np.int64),
                         q=q.astype(np.float32), priors=root.P.astype(np.float32), n_sims_done=done,
                         tokens_spent=tokens, stopped_early=reason == 'decided', stop_reason=reason,
-                        reused_visits=reused, legal=root.mask.copy())
+                        reused_visits=reused, legal=root.mask.copy(),
+                        root_prior=None if root_prior is None else root_prior.astype(np.float32))
+
+# %% ../nbs/05_mcts.ipynb #ed088be4
+def _checked_prior(p, mask:np.ndarray) -> np.ndarray:
+    "A root prior returned by a `root_prior` hook, checked: finite, non-negative, zero on illegal actions, summing to 1."
+    p = np.asarray(p, np.float64)
+    if p.shape != mask.shape: raise ValueError(f"the root_prior hook returned shape {p.shape}; it must return one prior per action, shape {mask.shape}.")
+    if not np.isfinite(p).all() or (p < 0).any(): raise ValueError(f"the root_prior hook returned {p.round(4).tolist()}: priors must be finite and non-negative.")
+    if (p[~mask] > 0).any(): raise ValueError(f"the root_prior hook put mass {p[~mask].sum():.4g} on illegal actions; keep it to the legal mask it is given.")
+    if abs(p.sum() - 1) > 1e-4: raise ValueError(f"the root_prior hook's priors sum to {p.sum():.6g}; return a distribution (sum 1).")
+    return p
 
 # %% ../nbs/05_mcts.ipynb #0ef6b82c
 @patch

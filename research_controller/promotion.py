@@ -6,29 +6,31 @@ Docs: https://research-controller.github.io/research_controller/promotion.html.m
 
 # %% ../nbs/14_promotion.ipynb #48b4cd25
 from __future__ import annotations
-import json, math, re, time, traceback
+import hashlib, json, math, re, time, traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 from fastcore.basics import patch_to
 from filelock import FileLock, Timeout
-from .config import Config, EvaluateConfig, config_hash, config_to_dict, load_config, run_path, sha256_file
+import numpy as np
+from .config import Config, ConfigError, EvaluateConfig, config_hash, config_to_dict, load_config, run_path, sha256_file
 from .config import atomic_write_json, make_dir
 from .network import load_checkpoint
 from .selfplay import run_selfplay
-from .train import open_buffer, train
-from .evaluate import Comparison, SuiteError, SuiteResult, check_pair, compare, evaluate_controllers, get_suite
+from .train import add_served, open_buffer, read_served_log, served_value, train
+from .evaluate import Comparison, ItemRecord, SuiteError, SuiteResult, check_pair, compare, evaluate_controllers, get_suite
 from .registry import ControllerRegistry, RegistryError, _now, version_name
-from .controllers import load_controller, resolve_controller
-from .cases import CaseIndex, CaseStoreError, default_embedder
+from .controllers import controller_key, load_controller, resolve_controller
+from .cases import CaseIndex, CaseStoreError, buffer_trajectories, default_embedder
 
 # %% auto #0
 __all__ = ['CYCLE_STAGES', 'CheckResult', 'PromotionCheck', 'PromotionContext', 'ComparableCheck', 'MinItemsCheck', 'GainCheck',
            'ErrorRateCheck', 'LatencyCheck', 'default_checks', 'PromotionDecision', 'PromotionPolicy', 'TrainingReport',
            'make_report', 'write_report', 'load_reports', 'buffer_episode_ids', 'checkpoint_meta',
-           'OnlineLearningCoordinator', 'default_champion_key', 'relabel_result', 'CycleRun', 'find_trajectories',
-           'find_champion', 'train_challenger', 'benchmark', 'apply_policy', 'register_and_promote', 'rebuild_cases',
-           'write_cycle_report', 'report_table', 'CycleOutcome', 'cycle']
+           'OnlineLearningCoordinator', 'default_champion_key', 'relabel_result', 'CycleRun', 'add_served_trajectories',
+           'find_trajectories', 'find_champion', 'train_challenger', 'benchmark', 'apply_policy',
+           'register_and_promote', 'rebuild_cases', 'write_cycle_report', 'report_table', 'CycleOutcome', 'cycle',
+           'canary_results', 'promote_from_canary']
 
 # %% ../nbs/14_promotion.ipynb #db322566
 @dataclass
@@ -378,6 +380,20 @@ class CycleRun:
     challenger_version: str|None = None
     promoted: str|None = None
 
+# %% ../nbs/14_promotion.ipynb #4d86c448
+def add_served_trajectories(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
+    "Stage: with `promotion.served_data`, add the rated served trajectories to the replay buffer as episodes; what happened goes to `extra['served']`."
+    cfg = coord.cfg
+    if not cfg.promotion.served_data: return
+    t0 = time.perf_counter()
+    if not cfg.serve.trajectory_log:
+        run.extra['served'] = dict(records=0, added=0, positions=0, note="serve.trajectory_log is null: there is no served-trajectory log to learn from")
+        return
+    path = run_path(cfg, cfg.serve.trajectory_log)
+    rep = add_served(read_served_log(path, with_feedback=None), coord.buffer_path, cfg, exclude=coord.load_state()['seen'])
+    run.extra['served'] = dict({k: v for k, v in rep.items() if k != 'episode_ids'}, log=str(path))
+    run.times['served_s'] = round(time.perf_counter() - t0, 3)
+
 # %% ../nbs/14_promotion.ipynb #71aaed65
 def find_trajectories(coord:OnlineLearningCoordinator, run:CycleRun) -> TrainingReport|None:
     "Stage: the new trajectory ids, or a skip report when there are fewer than `promotion.min_new_trajectories`."
@@ -422,7 +438,10 @@ def apply_policy(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
     tr = run.trained
     run.extra = dict(run.extra or {}, baseline_version=run.champion_version, challenger_checkpoint=str(tr.checkpoint),
                      train_steps=getattr(tr, 'steps', None), final_loss=(tr.losses[-1] if getattr(tr, 'losses', None) else None),
-                     dry_run=run.dry_run, buffer_path=str(coord.buffer_path))
+                     dry_run=run.dry_run, buffer_path=str(coord.buffer_path), evidence='offline')
+    by = getattr(tr, 'positions_by_source', None) or {}
+    if by:  # training positions per source: self-play, served
+        run.extra['positions'] = dict(selfplay=int(by.get('selfplay', 0)), served=int(by.get('served', 0)))
 
 # %% ../nbs/14_promotion.ipynb #1744d888
 def register_and_promote(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
@@ -436,7 +455,7 @@ def register_and_promote(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
     if dec.accepted:
         run.stage = f'promoting {v}'
         m = dec.metrics
-        coord.registry.promote(v, who=coord.who, decision=dec.to_dict(),
+        coord.registry.promote(v, who=coord.who, decision={**dec.to_dict(), 'evidence': 'offline'},
                                why=f"beat {run.champion.label}: {m['metric']} {m['score_challenger']:.4f} vs {m['score_champion']:.4f} "
                                    f"({m['score_delta']:+.4f}, p={m['p_adj']:.3g}) on {m['n']} items")
         run.promoted = v
@@ -445,13 +464,14 @@ def register_and_promote(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
 
 # %% ../nbs/14_promotion.ipynb #49f86e45
 def rebuild_cases(coord:OnlineLearningCoordinator, run:CycleRun) -> None:
-    "Stage: rebuild the case index from the replay buffer (`cases.rebuild`; nothing in a dry run); its summary goes to `extra['cases']`."
+    "Stage: rebuild the case index from the replay buffer's self-play episodes (`cases.rebuild`; nothing in a dry run); its summary goes to `extra['cases']`."
     cc = coord.cfg.cases
     if run.dry_run or not cc.rebuild: return
     t0 = time.perf_counter()
     try:
         idx = CaseIndex(default_embedder(coord.cfg), run_path(coord.cfg, cc.path))
-        run.extra['cases'] = dict(idx.build(coord.buffer_path, min_reward=cc.min_reward), path=str(idx.path))
+        played = [t for t in buffer_trajectories(coord.buffer_path) if t.get('source') != 'served']  # self-play's cases only
+        run.extra['cases'] = dict(idx.build(played, min_reward=cc.min_reward), path=str(idx.path))
     except CaseStoreError as e: run.extra['cases'] = dict(error=str(e))
     run.times['cases_s'] = round(time.perf_counter() - t0, 3)
 
@@ -469,7 +489,7 @@ def write_cycle_report(coord:OnlineLearningCoordinator, run:CycleRun) -> Trainin
     return rep
 
 # %% ../nbs/14_promotion.ipynb #4a4d3f34
-CYCLE_STAGES = [('listing the trajectories', find_trajectories), ('finding the champion', find_champion),
+CYCLE_STAGES = [('adding the served trajectories', add_served_trajectories), ('listing the trajectories', find_trajectories), ('finding the champion', find_champion),
                  ('training the challenger', train_challenger), ('benchmarking champion and challenger', benchmark),
                  ('applying the promotion policy', apply_policy), ('registering the challenger', register_and_promote),
                  ('rebuilding the case index', rebuild_cases), ('writing the report', write_cycle_report)]
@@ -503,6 +523,22 @@ def run_cycle(self, dry_run:bool=False, # decide, but register, promote and writ
         return rep
     finally: self.lock.release()
 
+# %% ../nbs/14_promotion.ipynb #ffdeed1b
+def _source_rows(extra:dict) -> list:
+    "Report-table rows on the training data's sources: positions from self-play and from served traffic, and what the served log gave."
+    rows, pos, sv = [], extra.get('positions'), extra.get('served')
+    if pos: rows.append(('training positions: self-play / served', f"{pos.get('selfplay', 0)} / {pos.get('served', 0)}"))
+    if sv:
+        sk, why = sv.get('skipped') or {}, sv.get('skipped_why') or {}
+        rows.append(('served trajectories', f"{sv.get('added', 0)} added ({sv.get('positions', 0)} positions) of {sv.get('records', 0)} logged"
+                     + (f"; skipped: {'; '.join(f'{n} {why.get(k, k)}' for k, n in sk.items())}" if sk else '') + (f"; {sv['note']}" if sv.get('note') else '')))
+    return rows
+
+def _canary_rows(r:dict, m:dict) -> list:
+    "Report-table rows of a decision on canary evidence: how many rated generations of each version, and how many prompts pair up."
+    return [('evidence', f"canary (live feedback in the served-trajectory log), paired by prompt: {m.get('n', 0)} prompts rated under both"),
+            ('rated generations: champion / canary', f"{m.get('rated_champion', 0)} / {m.get('rated_canary', 0)}")]
+
 # %% ../nbs/14_promotion.ipynb #ecbcf442
 def report_table(report:TrainingReport|dict) -> str:
     "A two-column Markdown summary of a cycle report."
@@ -513,7 +549,9 @@ def report_table(report:TrainingReport|dict) -> str:
     def f(x, fmt='.4f'): return '—' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
     rows = [('cycle', r.get('cycle') if r.get('cycle') is not None else '— (not written)'), ('status', r.get('status', '')),
             ('started / finished', f"{r.get('started_at', '')} / {r.get('finished_at', '')}"),
-            ('new trajectories', f"{len(ids)}" + (f" ({ids[0]} … {ids[-1]})" if ids else '')), ('training samples', r.get('n_samples', 0)),
+            *(_canary_rows(r, m) if (r.get('extra') or {}).get('evidence') == 'canary' else
+              [('new trajectories', f"{len(ids)}" + (f" ({ids[0]} … {ids[-1]})" if ids else '')), ('training samples', r.get('n_samples', 0)),
+               *_source_rows(r.get('extra') or {})]),
             ('champion', f"{ch.get('label') or ch.get('version') or '—'}"),
             ('challenger', f"{cl.get('label', '—')}" + (f" registered as {cl['version']}" if cl.get('version') else ''))]
     if 'score_delta' in m or 'reward_delta' in m:
@@ -584,3 +622,83 @@ def cycle(cfg:Config, # the config (all sections)
         rep = co.run_cycle(dry_run=dry_run, baseline_version=baseline_version, progress=progress, extra={'selfplay': spx})  # the lock is re-entrant
         return CycleOutcome(sp, rep, time.perf_counter() - t0)
     finally: co.lock.release()
+
+# %% ../nbs/14_promotion.ipynb #ad7fa4c9
+def _feedback_result(key:str, rows:dict, suite_hash:str, budget:int) -> SuiteResult:
+    "One version's rated generations as a SuiteResult: one item per prompt hash, scored by the mean feedback there."
+    is_version = bool(re.fullmatch(r'v\d{4,}', key))
+    recs = [ItemRecord('policy' if is_version else key, key if is_version else None, sha, 'feedback', '', {'task': float(np.mean([v for v, _, _ in xs]))}, {},
+                       float(np.mean([v for v, _, _ in xs])), int(round(np.mean([t for _, t, _ in xs]))), float(np.mean([l for _, _, l in xs])))
+            for sha, xs in sorted(rows.items())]
+    return SuiteResult(recs[0].controller if recs else ('policy' if is_version else key), key if is_version else None, 'canary', suite_hash, budget, recs,
+                       {'evidence': 'canary', 'rated': sum(len(xs) for xs in rows.values())})
+
+def canary_results(records:list, # rated served records (`read_served_log`): key, prompt_sha, value/feedback, tokens, latency_ms
+                   champion:str, # canonical key of the champion ('v0001', or the default controller's name)
+                   canary:str, # canonical key of the canary ('v0002')
+                   token_budget:int=0, # recorded as both results' budget (served requests ask for their own)
+                  ) -> tuple:
+    "(champion, canary) `SuiteResult`s of the rated generations, one item per prompt hash (its mean feedback), on one shared suite: what the gate compares, paired by prompt."
+    by = {champion: {}, canary: {}}
+    for r in records:
+        v = served_value(r)
+        if v is None or r.get('key') not in by or not r.get('prompt_sha'): continue
+        by[r['key']].setdefault(r['prompt_sha'], []).append((v, float(r.get('tokens') or 0), float(r.get('latency_ms') or 0.0)))
+    h = hashlib.sha256(json.dumps(['canary', champion, canary, sorted(set(by[champion]) | set(by[canary]))]).encode()).hexdigest()
+    return _feedback_result(champion, by[champion], h, token_budget), _feedback_result(canary, by[canary], h, token_budget)
+
+# %% ../nbs/14_promotion.ipynb #d16f820c
+def _unpaired(a:SuiteResult, b:SuiteResult) -> dict:
+    "Per-prompt means of both versions compared unpaired (Mann-Whitney U): information beside the paired gate."
+    x, y = [r.value('task') for r in a.records], [r.value('task') for r in b.records]
+    out = dict(n_champion=len(x), n_canary=len(y))
+    if min(len(x), len(y)) >= 2:
+        from scipy import stats as sstats
+        out.update(mean_champion=float(np.mean(x)), mean_canary=float(np.mean(y)), diff=float(np.mean(y) - np.mean(x)),
+                   p_mannwhitney=float(sstats.mannwhitneyu(y, x, alternative='two-sided').pvalue))
+    return out
+
+def promote_from_canary(cfg:Config, # `serve` (the log, the canary), `promotion` and `evaluate` (the gate)
+                        records:list|None=None, # rated served records; None = read from serve.trajectory_log
+                        canary:str|None=None, # the version to promote; None = serve.canary_version
+                        coordinator:OnlineLearningCoordinator|None=None, # its registry, gate, lock and reports; None = OnlineLearningCoordinator(cfg)
+                        who:str='canary', # recorded in the audit trail
+                        dry_run:bool=False, # decide, but promote and write nothing
+                       ) -> TrainingReport:
+    "Decide with the promotion gate whether the canary replaces the champion on the feedback of live traffic (paired by prompt); promote it if so; the report."
+    co = coordinator or OnlineLearningCoordinator(cfg, who=who)
+    spec = canary if canary is not None else cfg.serve.canary_version
+    if spec in (None, '', 'active'):
+        raise ConfigError("there is no canary to promote: set serve.canary_version (e.g. 'v3') or name one (rc promote --from-canary --canary v3).")
+    try: key = controller_key(cfg, spec, co.registry)
+    except ValueError as e: raise ConfigError(f"canary {spec!r}: {e}") from None
+    if key not in co.registry.versions():
+        raise RegistryError(f"canary {spec!r} is not a registered version ({', '.join(co.registry.versions()) or 'none registered'}); only registry versions can be promoted.")
+    started = _now()
+    with co.lock:
+        champion = controller_key(cfg, None, co.registry)
+        if champion == key: raise RegistryError(f"the canary {key} is already the active version; nothing to promote.")
+        if records is None:
+            if not cfg.serve.trajectory_log: raise ConfigError("serve.trajectory_log is null: there is no served-trajectory log with canary feedback to decide on.")
+            records = read_served_log(run_path(cfg, cfg.serve.trajectory_log), with_feedback=True)
+        a, b = canary_results(records, champion, key, cfg.serve.max_new_tokens)
+        policy = replace(co.policy, metrics=[co.policy.metric])  # the same gate, on the one score the feedback gives
+        dec = policy.evaluate(a, b)
+        un = _unpaired(a, b)
+        dec.metrics.update(evidence='canary', unpaired=un, rated_champion=a.meta['rated'], rated_canary=b.meta['rated'])
+        if 'p_mannwhitney' in un:
+            dec.reasons.append(f"INFO unpaired (not the gate): canary {un['mean_canary']:.4f} on {un['n_canary']} prompts vs champion "
+                               f"{un['mean_champion']:.4f} on {un['n_champion']}, Mann-Whitney p = {un['p_mannwhitney']:.3g}.")
+        promoted = None
+        if dec.accepted and not dry_run:
+            m = dec.metrics
+            co.registry.promote(key, who=who, decision={**dec.to_dict(), 'evidence': 'canary'},
+                                why=f"canary beat {a.label} on live feedback: {m['score_challenger']:.4f} vs {m['score_champion']:.4f} "
+                                    f"({m['score_delta']:+.4f}, p={m['p_adj']:.3g}) on {m['n']} prompts rated under both")
+            promoted = key
+        rep = make_report(a, b, dec, started_at=started, trajectory_ids=[], n_samples=a.meta['rated'] + b.meta['rated'], promoted_version=promoted, cfg=cfg,
+                          extra=dict(evidence='canary', champion_key=champion, canary_key=key, dry_run=dry_run, records=len(records)))
+        rep.champion['version'], rep.challenger['version'] = a.version, key
+        rep.status = 'dry_run' if dry_run else ('promoted' if promoted else 'rejected')
+        if not dry_run: write_report(rep, co.reports_dir, cfg.promotion.lock_timeout_s)
+    return rep

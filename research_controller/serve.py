@@ -8,8 +8,8 @@ Docs: https://research-controller.github.io/research_controller/serve.html.md"""
 __all__ = ['log', 'GENERATE_FIELDS', 'MAX_JSON_DEPTH', 'OUTCOMES', 'GENERATION_PATHS', 'DISCONNECT_POLL_S', 'REDACTED',
            'MAX_CHAT_MESSAGES', 'SSE_DONE', 'UnknownController', 'StaticResolver', 'RegistryResolver', 'resolver_key',
            'request_model', 'describe_validation', 'jsonable', 'json_path_at', 'json_too_deep', 'body_problem',
-           'Cancelled', 'RequestEngine', 'step_event', 'StepBatcher', 'body_limit', 'create_app', 'sse', 'parse_sse',
-           'new_id', 'utc_now', 'is_thought_step', 'redact_trace', 'ServedLog', 'load_served_trajectories',
+           'Cancelled', 'RequestEngine', 'decisions_of', 'step_event', 'StepBatcher', 'body_limit', 'create_app', 'sse',
+           'parse_sse', 'new_id', 'utc_now', 'is_thought_step', 'redact_trace', 'ServedLog', 'load_served_trajectories',
            'CanaryRouter', 'canary_report', 'feedback_model', 'feedback_value', 'openai_models', 'chat_prompt',
            'GenSpec', 'openai_spec', 'stable_text', 'finish_reason', 'openai_usage', 'openai_body', 'openai_error',
            'model_card', 'capture_logs', 'free_port', 'ServerThread', 'serve']
@@ -28,12 +28,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from .config import Config, ConfigError, apply_mode, load_config, make_dir, replace_config, run_path
 from .slm import encode_prompt
-from .macro_actions import Action
+from .macro_actions import Action, legal_mask as macro_legal_mask
 from .engine import Engine, get_engine
 from .rewards import TASK_METRIC, TASKS, task_score
 from .registry import ControllerRegistry, version_name
 from .controllers import BASELINES, LEARNED, baseline_names, controller_key, resolve_controller
 from .evaluate import bootstrap_ci, bootstrap_means, paired_test
+from .train import SERVED_SCHEMA, served_decisions
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +249,14 @@ class RequestEngine:
                  cancel:threading.Event|None=None, # set it to stop the request at its next decision
                  on_step:Callable|None=None, # on_step(candidate_index, state) after each step of a root state
                  batcher:'StepBatcher|None'=None, # merges this request's steps with other requests' (None = step alone)
-                 sampling:dict|None=None): # temperature / top_p that replace the controller's own in every state it makes
+                 sampling:dict|None=None, # temperature / top_p that replace the controller's own in every state it makes
+                 record_states:bool=False): # keep the decisions (state vectors, legal masks, actions) of the last `result` in `logged` (serve.log_states)
         self._engine, self._deadline, self._on_step, self._batcher = engine, deadline, on_step, batcher
         self._sampling = dict(sampling or {})
         self.cancel = cancel or threading.Event()
         self._roots, self._stepped, self._n = {}, set(), 0  # id(state) -> (candidate index, state); ids stepped; next index
         self.why = None
+        self.record_states, self.logged = bool(record_states), None  # not `decisions`: that name is the engine's method
 
     def __getattr__(self, name): return getattr(self._engine, name)
     def __repr__(self): return f"RequestEngine({self._engine!r}, candidates={len(self._roots)})"
@@ -298,6 +301,23 @@ class RequestEngine:
                 if self._on_step is not None: self._on_step(r[0], s)
         return out
     def step(self, s, action): return self.step_batch([s], [action])[0]
+
+# %% ../nbs/15_serve.ipynb #138ee6d5
+def decisions_of(engine, # the shared Engine
+                 s, # a finished GenState
+                ) -> dict:
+    "The `decisions` of `s` for the served-trajectory log: each decision's state vector (as the controller saw it), legal mask and action."
+    ds = engine.decisions(s)
+    X = engine._vectors([(d.pre_tip, d.pre_ms, s.root, s.prompt) for d in ds], True)  # the engine's feature rule; drift cached on each tip
+    M = np.stack([macro_legal_mask(d.pre_ms, engine.cfg.macro) for d in ds]) if ds else np.zeros((0, len(Action)), bool)
+    return served_decisions([d.action for d in ds], M, X)
+
+@patch
+def result(self:RequestEngine, s, *args, **kw):
+    "The engine's `result` of `s`; with `record_states`, its decisions are kept in `self.logged` for the log."
+    r = self._engine.result(s, *args, **kw)
+    if self.record_states: self.logged = decisions_of(self._engine, s)
+    return r
 
 # %% ../nbs/15_serve.ipynb #1bb6076b
 def step_event(engine, candidate:int, s, include_thoughts:bool=False) -> dict:
@@ -504,7 +524,8 @@ class _Job:
         self.engine = engine if engine is not None else app.state.engine
         sampling = {k: v for k in ('temperature', 'top_p') if (v := getattr(req, k, None)) is not None}
         self.peng = RequestEngine(self.engine, self.deadline, on_step=on_step, sampling=sampling,
-                                  batcher=app.state.batcher if self.engine is app.state.engine else None)
+                                  batcher=app.state.batcher if self.engine is app.state.engine else None,
+                                  record_states=app.state.served is not None and app.state.cfg.serve.log_states)
         self.thoughts = bool(req.include_thoughts or (app.state.served is not None and app.state.cfg.serve.log_thoughts))
 
     def run(self):
@@ -555,10 +576,11 @@ class _Job:
         rec = dict(id=self.id, at=utc_now(), route=self.route, requested=q.controller, key=self.key, **{'arm': None, **self.served_by(r)},
                    prompt_sha=hashlib.sha256(q.prompt.encode('utf-8')).hexdigest()[:16], text=r.text, tokens=int(r.tokens),
                    prompt_tokens=self.prompt_tokens(r), max_new_tokens=q.max_new_tokens, seed=q.seed, temperature=r.meta.get('temperature'),
-                   top_p=r.meta.get('top_p'), stop=r.meta.get('stop'), slm_fingerprint=r.meta.get('slm_fingerprint'),
+                   top_p=r.meta.get('top_p'), stop=r.meta.get('stop'), slm_fingerprint=r.meta.get('slm_fingerprint'), latency_ms=round(float(r.latency_ms), 3),
                    macro_trace=r.macro_trace if keep else redact_trace(r.macro_trace))
         if sv.log_prompts: rec.update(dict(messages=q.messages) if getattr(q, 'messages', None) else dict(prompt=q.prompt))
         if keep: rec['thought_text'] = r.thought_text
+        if self.peng.logged is not None: rec['decisions'] = self.peng.logged  # serve.log_states: numbers, never text
         try: return slog.add(rec)
         except Exception as e:  # the answer still goes out; the log line names neither prompt nor text
             log.error("request %d: the served-trajectory log could not store %s (%s: %s)", self.rid, self.id, type(e).__name__, e)
@@ -736,8 +758,7 @@ def redact_trace(trace:list) -> list:
     return [{**e, 'chunk': REDACTED} if is_thought_step(e) and e.get('action') != 'STOP' else dict(e) for e in trace or []]
 
 # %% ../nbs/15_serve.ipynb #d65d7e45
-_SCHEMA = ("CREATE TABLE IF NOT EXISTS served (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, created REAL NOT NULL, "
-           "key TEXT, arm TEXT, prompt_sha TEXT, record TEXT NOT NULL, feedback TEXT, value REAL, bytes INTEGER NOT NULL)")
+_SCHEMA = SERVED_SCHEMA  # defined in 12_train, whose `read_served_log` lets the learning cycle read the log
 
 class ServedLog:
     "The served-trajectory log: one SQLite row per served generation, at most `max_records` and `max_bytes` (oldest dropped)."

@@ -6,10 +6,11 @@ Docs: https://research-controller.github.io/research_controller/train.html.md"""
 
 # %% ../nbs/12_train.ipynb #fc4ccb4d
 from __future__ import annotations
-import hashlib, json, logging, math, os, time, warnings
+import base64, hashlib, json, logging, math, os, sqlite3, time, warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -24,9 +25,11 @@ from .selfplay import default_buffer_path
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'LOSS_KEYS', 'WANDB_HINT', 'GATE_MODELS', 'open_buffer', 'BufferData', 'StepSampler', 'make_loader',
-           'lr_factor', 'TrainCallback', 'TensorBoardLogger', 'WandbLogger', 'TrainResult', 'Trainer', 'train',
-           'plot_losses', 'fit_think_gate']
+__all__ = ['log', 'LOSS_KEYS', 'WANDB_HINT', 'GATE_MODELS', 'SERVED_SCHEMA', 'THOUGHT_REDACTED', 'SERVED_SKIPS', 'open_buffer',
+           'BufferData', 'StepSampler', 'make_loader', 'lr_factor', 'TrainCallback', 'TensorBoardLogger', 'WandbLogger',
+           'TrainResult', 'Trainer', 'train', 'plot_losses', 'fit_think_gate', 'encode_states', 'decode_states',
+           'mask_bits', 'bits_mask', 'served_decisions', 'read_served_log', 'served_value', 'served_episode',
+           'add_served']
 
 # %% ../nbs/12_train.ipynb #b77742e4
 def open_buffer(path:str|Path) -> ReplayBuffer:
@@ -64,6 +67,8 @@ class BufferData(Dataset):
         self.age = (buf.cursor - 1 - rows) % buf.capacity  # 0 = the newest position
         self.dim, self.n_actions, self.slm_fingerprint = buf.dim, buf.n_actions, fps[0]
         self.episodes, self.buffer_path = len(serials), str(buf.path)
+        src = {s: metas[s].get('source', 'selfplay') for s in serials}  # served episodes say so; self-play ones predate the field
+        self.positions_by_source = dict(sorted(Counter(src[int(e)] for e in self.serials).items()))
         h = hashlib.sha256(np.ascontiguousarray(rows, np.int64).tobytes()); h.update(np.ascontiguousarray(self.serials, np.int64).tobytes())
         self.digest = h.hexdigest()[:16]
 
@@ -156,6 +161,7 @@ class TrainResult:
     log_dir: str         # TensorBoard directory
     resumed_from: int = 0  # step the run resumed from (0 = fresh)
     positions: int = 0   # positions in the training snapshot
+    positions_by_source: dict = field(default_factory=dict)  # of those: {'selfplay': n, 'served': m}
     def __repr__(self):
         first, last = (self.losses[0]['total'], self.losses[-1]['total']) if self.losses else (float('nan'),)*2
         return (f"TrainResult(steps={self.steps}, resumed_from={self.resumed_from}, loss {first:.3f} -> {last:.3f}, "
@@ -302,7 +308,7 @@ def train(cfg:Config, # the config (`train`, `network`, `buffer`, `paths`)
     if resume: tr.try_resume()
     final = tr.fit(progress)
     return TrainResult(str(final), tr.step, tr.losses, tr.step*cfg.train.batch_size, time.perf_counter() - t0, str(tr.log_dir),
-                       tr.resumed_from, len(data))
+                       tr.resumed_from, len(data), dict(data.positions_by_source))
 
 # %% ../nbs/12_train.ipynb #2adc412d
 def plot_losses(losses:list, ax=None, smooth:int=5):
@@ -380,3 +386,146 @@ def fit_think_gate(X:np.ndarray, # [n, D] root state vectors of train-split item
                 n=int(len(d)), n_informative=int(keep.sum()), train_gain=float(np.where(think, d, 0).mean()),
                 think_share=float(think.mean()), oracle_gain=float(np.maximum(d, 0).mean()), always_think_gain=float(d.mean()))
 
+
+# %% ../nbs/12_train.ipynb #227afb05
+def encode_states(X:np.ndarray, # [T, D] state vectors
+                 ) -> dict:
+    "A JSON-able float16 copy of state vectors [T, D]: {'dtype', 'shape', 'b64'}."
+    a = np.asarray(X, np.float32)
+    if a.ndim != 2: raise ValueError(f"state vectors must be [T, D], got shape {a.shape}.")
+    return dict(dtype='float16', shape=list(a.shape), b64=base64.b64encode(np.ascontiguousarray(a.astype(np.float16)).tobytes()).decode('ascii'))
+
+def decode_states(d:dict) -> np.ndarray:
+    "The float32 [T, D] state vectors `encode_states` wrote; a malformed one is a ValueError saying what is wrong."
+    try:
+        shape, raw = tuple(int(x) for x in d['shape']), base64.b64decode(d['b64'], validate=True)
+        if d.get('dtype') != 'float16' or len(shape) != 2: raise ValueError(f"dtype {d.get('dtype')!r}, shape {shape}")
+        return np.frombuffer(raw, np.float16).reshape(shape).astype(np.float32)
+    except (KeyError, TypeError, ValueError) as e: raise ValueError(f"malformed state vectors ({type(e).__name__}: {e}); expected encode_states output.") from None
+
+# %% ../nbs/12_train.ipynb #e630f8ce
+def mask_bits(masks:np.ndarray, # [T, A] legal masks
+             ) -> list:
+    "Each legal mask as one int: bit a set when action a is legal."
+    m = np.asarray(masks, bool)
+    return [int(sum(1 << a for a in np.flatnonzero(row))) for row in m.reshape(len(m), -1)]
+
+def bits_mask(bits:Sequence[int], n_actions:int=N_ACTIONS) -> np.ndarray:
+    "The [T, n_actions] bool masks of `mask_bits`."
+    return np.array([[(int(b) >> a) & 1 for a in range(n_actions)] for b in bits], bool).reshape(len(bits), n_actions)
+
+def served_decisions(actions:Sequence, # the action taken at each decision (names or indices)
+                     masks:np.ndarray, # [T, A] the legal masks there
+                     states:np.ndarray, # [T, D] the state vectors the controller decided on
+                    ) -> dict:
+    "The `decisions` field of a served-trajectory record: actions by name, masks as ints, states as base64 float16."
+    acts = [a if isinstance(a, str) else ACTION_NAMES[int(a)] for a in actions]
+    if not len(acts) == len(masks) == len(states): raise ValueError(f"{len(acts)} actions, {len(masks)} masks and {len(states)} states: one each per decision.")
+    return dict(actions=acts, masks=mask_bits(masks), states=encode_states(states))
+
+# %% ../nbs/12_train.ipynb #1150f8ae
+SERVED_SCHEMA = ("CREATE TABLE IF NOT EXISTS served (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, created REAL NOT NULL, "
+                 "key TEXT, arm TEXT, prompt_sha TEXT, record TEXT NOT NULL, feedback TEXT, value REAL, bytes INTEGER NOT NULL)")
+THOUGHT_REDACTED = '[thought redacted]'  # what a thought step's chunk shows to whoever may not see it
+
+def _drop_thoughts(rec:dict) -> dict:
+    "`rec` without thought text: no `thought_text`, and the chunks of thought steps in its macro trace redacted."
+    rec.pop('thought_text', None)
+    tr = rec.get('macro_trace')
+    if isinstance(tr, list):
+        think = lambda e: e.get('action') in ('THINK_BEGIN', 'THINK_END') or bool((e.get('features') or {}).get('in_thought'))
+        rec['macro_trace'] = [{**e, 'chunk': THOUGHT_REDACTED} if isinstance(e, dict) and think(e) and e.get('action') != 'STOP' else e for e in tr]
+    return rec
+
+def read_served_log(path:str|Path, # the served-trajectory log (SQLite; `serve.trajectory_log` under `paths.runs_dir`)
+                    with_feedback:bool|None=True, # True: only rated records; False: only unrated ones; None: all
+                    thoughts:bool=False, # keep thought text (there only when the operator set serve.log_thoughts)
+                   ) -> list[dict]:
+    "The records of a served-trajectory log, oldest first, each with `feedback` and `value`; [] when the file does not exist."
+    p = Path(path)
+    if not p.exists(): return []
+    cond = '' if with_feedback is None else f" WHERE feedback IS {'NOT ' if with_feedback else ''}NULL"
+    db = None
+    try:
+        db = sqlite3.connect(p, timeout=10.0)
+        rows = db.execute(f"SELECT record, feedback, value FROM served{cond} ORDER BY seq").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise ConfigError(f"serve.trajectory_log: {str(p)!r} cannot be read as a served-trajectory log ({e}); point serve.trajectory_log at the log rc serve writes.") from None
+    finally:
+        if db is not None: db.close()
+    out = []
+    for rec, fb, v in rows:
+        r = {**json.loads(rec), 'feedback': json.loads(fb) if fb else None, 'value': v}
+        out.append(r if thoughts else _drop_thoughts(r))
+    return out
+
+# %% ../nbs/12_train.ipynb #5b2b8881
+SERVED_SKIPS = {'no_feedback': "not rated yet (POST /feedback)",
+                'no_states': "logged without state vectors (serve.log_states was off)",
+                'other_dim': "state vectors of another size than the buffer's (another SLM)",
+                'other_slm': "answered on another SLM than the buffer's episodes (slm_fingerprint)",
+                'bad_decisions': "malformed decisions (an action illegal under its own mask, or unreadable vectors)"}
+
+def served_value(rec:dict) -> float|None:
+    "The feedback value of a served record in [0, 1]: the log's `value`, else the rating, else the score; None when unrated."
+    fb = rec.get('feedback') or {}
+    for v in (rec.get('value'), fb.get('rating'), fb.get('score')):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v): return float(min(1.0, max(0.0, v)))
+    return None
+
+def served_episode(rec:dict, # from `read_served_log`
+                   dim:int|None=None, # the buffer's state size; None = whatever the record has
+                   slm_fingerprint:str|None=None, # the buffer's SLM; None = any
+                  ) -> tuple:
+    "(episode dict, None) for a rated record with state vectors (states, masks, one-hot policies of the actions taken, values = 2*feedback - 1, meta); (None, reason) otherwise."
+    v = served_value(rec)
+    if v is None: return None, 'no_feedback'
+    d = rec.get('decisions')
+    if not d: return None, 'no_states'
+    try:
+        X = decode_states(d['states']); M = bits_mask(d['masks']); acts = [ACTION_NAMES.index(a) for a in d['actions']]
+    except (KeyError, TypeError, ValueError): return None, 'bad_decisions'
+    if not (len(X) == len(M) == len(acts) >= 1) or not np.isfinite(X).all() or not all(M[t, a] for t, a in enumerate(acts)): return None, 'bad_decisions'
+    if dim is not None and X.shape[1] != dim: return None, 'other_dim'
+    if slm_fingerprint is not None and rec.get('slm_fingerprint') != slm_fingerprint: return None, 'other_slm'
+    P = np.zeros(M.shape, np.float32); P[np.arange(len(acts)), acts] = 1.0
+    meta = dict(episode_id=f"served-{rec['id']}", controller_version=rec.get('controller_version') or rec.get('key') or 'served',
+                slm_fingerprint=rec.get('slm_fingerprint'), source='served', served_id=rec['id'], key=rec.get('key'), arm=rec.get('arm'),
+                prompt_sha=rec.get('prompt_sha'), feedback=v, reward=v, value=2*v - 1, actions=list(d['actions']), positions=len(acts),
+                tokens=rec.get('tokens'), served_at=rec.get('at'))
+    return dict(states=X, masks=M, policies=P, values=np.full(len(acts), 2*v - 1, np.float32), meta=meta), None
+
+# %% ../nbs/12_train.ipynb #711174fa
+def _buffer_slm(buf:ReplayBuffer) -> str|None:
+    "The SLM fingerprint of the newest episode in `buf` (None when empty)."
+    s = buf.episode_serials()
+    return buf.episode_meta(s[-1])['slm_fingerprint'] if s else None
+
+def add_served(records:Sequence[dict], # from `read_served_log`
+               buffer_path:str|Path, # the replay buffer (made when missing, with the records' state size)
+               cfg:Config, # `buffer` (capacity, dtype, sampling)
+               exclude:Collection[str]=(), # episode ids not to add again (those finished cycles used)
+              ) -> dict:
+    "Add each rated served record with state vectors to the replay buffer as one episode (once); what was added, and what was skipped and why."
+    p, exclude = Path(buffer_path), set(exclude)
+    eps, skipped, seen = [], Counter(), set()
+    head = json.loads((p/'header.json').read_text()) if (p/'header.json').exists() else None
+    dim, fp, have = (head['dim'] if head else None), None, set()
+    if head:
+        with open_buffer(p) as b: fp, have = _buffer_slm(b), {b.episode_meta(s)['episode_id'] for s in b.episode_serials()}
+    for r in records:
+        ep, why = served_episode(r, dim, fp)
+        if ep is None: skipped[why] += 1; continue
+        eid = ep['meta']['episode_id']
+        if eid in have or eid in exclude or eid in seen: skipped['already_used'] += 1; continue
+        dim, fp = dim or ep['states'].shape[1], fp or ep['meta']['slm_fingerprint']
+        eps.append(ep); seen.add(eid)
+    if eps:
+        bc = cfg.buffer  # an existing buffer keeps the capacity and dtype it was made with
+        cap, dt = (head['capacity'], head['dtype']) if head else (bc.capacity, bc.dtype)
+        with ReplayBuffer(p, dim, N_ACTIONS, cap, dt, sampling=bc.sampling, half_life=bc.recency_half_life) as b:
+            for ep in eps: b.add_episode(ep['states'], ep['masks'], ep['policies'], ep['values'], ep['meta'])
+    why = {**SERVED_SKIPS, 'already_used': "already in the buffer, or used by an earlier cycle"}
+    return dict(records=len(records), added=len(eps), positions=int(sum(len(e['values']) for e in eps)),
+                skipped=dict(sorted(skipped.items())), skipped_why={k: why[k] for k in sorted(skipped)},
+                episode_ids=[e['meta']['episode_id'] for e in eps])

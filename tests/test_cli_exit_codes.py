@@ -83,7 +83,7 @@ def test_busy_cores_warning(monkeypatch):
     "The check, with the load injected; and `rc` prints it once, only for commands that load the SLM."
     assert cores_busy(load=0.5, n_cores=2, others=[]) is None
     w = cores_busy(load=2.0, n_cores=2, others=[(4242, 'rc cycle')])
-    for want in ('the 2 CPU cores are busy (load 2.0; rc cycle is running as pid 4242)', 'OMP_NUM_THREADS=1', 'one rc job at a time'):
+    for want in ('the 2 CPU cores are busy (load 2.0; rc cycle is running as pid 4242)', '--set slm.threads=N', 'one rc job at a time'):
         assert want in w, f"warning lacks {want!r}: {w}"
     monkeypatch.setattr(os, 'getloadavg', lambda: (64.0, 64.0, 64.0))
     monkeypatch.setattr(cli, '_quiet_imports', lambda: None)  # not under test here, and it takes seconds
