@@ -7,8 +7,14 @@ Four ratios (interleaved repetitions, medians), each against its issue target:
      from `engine.counters` (single-state and batched; padding rows reported apart)  target <= 1.02
   c. `fork()` of a 512-token state vs one decode step                          target < 5%
   d. one batched step of 8 states vs the same 8 states stepped one by one (tokens/s)  target >= 2x
+  e. single-stream controlled decoding (the engine's greedy controller) vs llama.cpp on the same GGUF file and
+     prompts (3 short chat prompts, `--tokens` greedy tokens, prompt processing included, same thread count)
+                                                                             target >= 0.5x
+     (needs the optional `llama-cpp-python` package, built from its source distribution; skipped without it:
+      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+      -DGGML_F16C=ON -DGGML_AMX_INT8=OFF" pip install llama-cpp-python==0.3.36   (a native build segfaults here))
 
-Usage:  python benchmarks/engine_overhead.py [--reps 3] [--threads 2] [--tokens 64]
+Usage:  python benchmarks/engine_overhead.py [--reps 3] [--threads 2] [--tokens 64] [--only abcde]
         [--out benchmarks/results/engine_overhead.json] [--set key=value ...]
 Writes the numbers as JSON (atomically) and prints a table. Needs the default SLM (cached by `load_slm`).
 """
@@ -129,13 +135,42 @@ def bench_batch(eng, cfg, n_tokens, reps, batch=8):
                 ratio=_med(bt) / _med(st), target='>= 2')
 
 
+def bench_llama_cpp(eng, cfg, n_tokens, reps, threads):
+    "(e) tokens/s of the engine's greedy controller and of llama.cpp on the same GGUF file and chat prompts, interleaved."
+    try: from llama_cpp import Llama
+    except ImportError: return dict(skipped="llama-cpp-python is not installed (an optional benchmark extra; see the docstring)")
+    from research_controller.slm import resolve_source
+    from research_controller.controllers import make_controller
+    src = resolve_source(cfg.slm)
+    if not str(src.path).endswith('.gguf'): return dict(skipped=f"slm.source={cfg.slm.source!r} is not a GGUF file")
+    llm = Llama(model_path=str(src.path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+    greedy = make_controller('greedy', cfg)
+    prompts = PROMPTS[:3]
+    msgs = lambda p: [dict(role='user', content=p)]
+    llm.create_chat_completion(msgs("Warm up."), max_tokens=8, temperature=0.0)
+    ll_tps, en_tps, ll_n, en_n = [], [], [], []
+    for r in range(reps):
+        lt = ln = et = en = 0
+        for p in prompts:
+            t = time.perf_counter()
+            out = llm.create_chat_completion(msgs(p), max_tokens=n_tokens, temperature=0.0, top_k=1)
+            lt += time.perf_counter() - t; ln += out['usage']['completion_tokens']
+            llm.reset()  # no prompt cache carried to the next request: prompt processing is timed every time
+            t = time.perf_counter()
+            g = greedy.generate(eng, p, max_new_tokens=n_tokens)
+            et += time.perf_counter() - t; en += g.tokens
+        ll_tps.append(ln / lt); en_tps.append(en / et); ll_n.append(ln); en_n.append(en)
+    return dict(gguf=Path(src.path).name, llama_cpp_tok_s=_med(ll_tps), engine_tok_s=_med(en_tps), ratio=_med(en_tps) / _med(ll_tps),
+                reps_llama_cpp=ll_tps, reps_engine=en_tps, tokens_llama_cpp=ll_n, tokens_engine=en_n, threads=threads, target='>= 0.5')
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--reps', type=int, default=3)
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--tokens', type=int, default=64, help="new tokens per generation in (a), (b) and (d)")
     ap.add_argument('--out', default='benchmarks/results/engine_overhead.json')
-    ap.add_argument('--only', default='abcd', help="which measurements to run (subset of 'abcd')")
+    ap.add_argument('--only', default='abcde', help="which measurements to run (subset of 'abcde')")
     ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help="config override")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -158,6 +193,7 @@ def main(argv=None):
         run('b_resample_forwarded_batched', bench_resample, eng, cfg, a.tokens, 8)
     if 'c' in a.only: run('c_fork_vs_step', bench_fork, eng, cfg, a.reps)
     if 'd' in a.only: run('d_batch8_vs_sequential', bench_batch, eng, cfg, min(a.tokens, 32), a.reps)
+    if 'e' in a.only: run('e_single_stream_vs_llama_cpp', bench_llama_cpp, eng, cfg, a.tokens, a.reps, a.threads)
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile('w', dir=out.parent, delete=False, suffix='.tmp') as f:
         json.dump(res, f, indent=2); tmp = f.name
@@ -176,6 +212,10 @@ def main(argv=None):
     if 'd_batch8_vs_sequential' in res:
         r = res['d_batch8_vs_sequential']
         rows.append(('d batch 8 vs sequential (tok/s)', f"{r['batched_tok_s']:.1f} vs {r['sequential_tok_s']:.1f}", r['ratio'], '>= 2', r['ratio'] >= 2))
+    r = res.get('e_single_stream_vs_llama_cpp')
+    if r and 'skipped' not in r:
+        rows.append(('e greedy controller vs llama.cpp (tok/s)', f"{r['engine_tok_s']:.1f} vs {r['llama_cpp_tok_s']:.1f}", r['ratio'], '>= 0.5', r['ratio'] >= 0.5))
+    elif r: print(f"e skipped: {r['skipped']}")
     print(f"{'measure':36} {'values':34} {'ratio':>8}  target   met")
     for n, v, x, tg, ok in rows: print(f"{n:36} {v:34} {x:8.4f}  {tg:8} {'yes' if ok else 'NO'}")
     print(f"written: {out}")

@@ -6,7 +6,12 @@ Measures, side by side in one run (interleaved repetitions, medians):
      simulation at 128 relative to 8 (target: <= 1.2x);
   2. batched leaf evaluation (leaf_batch 8) against sequential (leaf_batch 1) at 32 simulations
      (target: >= 2x simulations/s);
-  3. training samples/s of the mlp and recursive bodies (train.batch_size, the default feature size).
+  3. training samples/s of the mlp and recursive bodies (train.batch_size, the default feature size);
+  4. SLM tokens/s during search (32 simulations, leaf batch 8) against the engine's batched throughput at the
+     same width (8 forked states, one CONTINUE chunk), interleaved on the same prompts (target: >= 0.6x), and where
+     a search's time goes: inside the SLM forward (transformer + lm_head), in the engine around it (per-token
+     Python, cache assembly, statistics), and outside the engine (features, drift embeddings, network, tree)
+     (target: outside the SLM forward <= 25%); with the active rows per forward that explain the ratio.
 
 Usage:  python benchmarks/mcts_throughput.py [--reps 3] [--threads 2] [--out benchmarks/results/mcts_throughput.json]
         [--set key=value ...]   (config overrides, e.g. --set features.drift_embedder=slm)
@@ -46,6 +51,33 @@ def search_once(engine, net_eval, cfg, prompt, n_sims, leaf_batch, seed):
         nd, d = stack.pop(); depth = max(depth, d)
         stack += [(ch, d + 1) for ch in nd.children if ch is not None]
     return dt, r.n_sims_done, r.tokens_spent, engine.counters['forward_calls'] - calls0, depth, sum(b['leaves'] for b in sl.batches), cpu
+
+
+class ForwardClock:
+    "Times every call of the SLM's transformer and lm_head, and of `Engine.step_batch` (the engine around them)."
+    def __init__(self, engine):
+        self.fwd = self.eng = 0.0
+        m, self.engine = engine.model, engine
+        for mod in (m.model, m.lm_head): mod.forward = self._wrap(mod.forward, 'fwd')
+        engine.step_batch = self._wrap(engine.step_batch, 'eng')
+    def _wrap(self, f, attr):
+        def g(*a, **k):
+            t = time.perf_counter()
+            try: return f(*a, **k)
+            finally: setattr(self, attr, getattr(self, attr) + time.perf_counter() - t)
+        return g
+    def read(self): return self.fwd, self.eng
+
+
+def engine_batched(engine, cfg, prompt, width, seed):
+    "(seconds, tokens, forwards) of one CONTINUE chunk for `width` sampled states forked from `prompt` (the engine's batched step)."
+    from research_controller.macro_actions import Action
+    root = engine.new_state(prompt, max_new_tokens=cfg.macro.max_new_tokens, temperature=1.0, seed=seed)
+    kids = [engine.fork(root, seed=seed*100 + i) for i in range(width)]
+    c0, f0 = dict(engine.counters), engine.counters['forward_calls']
+    t = time.perf_counter()
+    engine.step_batch(kids, [Action.CONTINUE]*width)
+    return time.perf_counter() - t, engine.counters['forwarded'] - c0['forwarded'], engine.counters['forward_calls'] - f0
 
 
 def train_throughput(body, cfg, reps, steps=30):
@@ -128,6 +160,30 @@ def main(argv=None):
     token_cost_ratio = per_rep(lambda i: (R(128, 8, i)[0]/R(128, 8, i)[2])/(R(8, 8, i)[0]/R(8, 8, i)[2]))
     batch_speedup = per_rep(lambda i: (R(32, 8, i)[1]/R(32, 8, i)[0])/(R(32, 1, i)[1]/R(32, 1, i)[0]))
     cpu_batch_speedup = per_rep(lambda i: (R(32, 8, i)[1]/R(32, 8, i)[6])/(R(32, 1, i)[1]/R(32, 1, i)[6]))
+    clock = ForwardClock(engine)
+    vs = dict(search=[], engine=[], split=[])
+    for rep in range(a.reps):  # search and the engine's batched step, interleaved on the same prompt
+        f0, e0, c0 = *clock.read(), dict(engine.counters)
+        dt, sims, toks, calls, depth, leaves, cpu = search_once(engine, ev, cfg, prompts[rep], 32, 8, 100 + rep)
+        f1, e1 = clock.read()
+        rows_fw, pad = engine.counters['forwarded'] - c0['forwarded'], engine.counters['padded'] - c0['padded']
+        vs['search'].append(dict(seconds=dt, tokens=toks, forwards=calls, tok_s=toks/dt, active_rows_per_forward=rows_fw/max(calls, 1),
+                                 padded_rows_per_forward=pad/max(calls, 1)))
+        vs['split'].append(dict(slm_forward=(f1 - f0)/dt, engine_other=((e1 - e0) - (f1 - f0))/dt, outside_engine=(dt - (e1 - e0))/dt))
+        edt, etoks, ecalls = engine_batched(engine, cfg, prompts[rep], 8, rep)
+        vs['engine'].append(dict(seconds=edt, tokens=etoks, forwards=ecalls, tok_s=etoks/edt, active_rows_per_forward=etoks/max(ecalls, 1)))
+        print(f"  rep {rep} search 32 sims: {toks/dt:6.1f} tok/s ({rows_fw/max(calls, 1):.1f} active + {pad/max(calls, 1):.1f} padded rows per forward); "
+              f"engine batched x8: {etoks/edt:6.1f} tok/s; search time in SLM forward {(f1 - f0)/dt:.0%}, engine other "
+              f"{((e1 - e0) - (f1 - f0))/dt:.0%}, outside the engine {(dt - (e1 - e0))/dt:.0%}", flush=True)
+    search_vs_engine = dict(
+        ratio=per_rep(lambda i: vs['search'][i]['tok_s']/vs['engine'][i]['tok_s']), target='>= 0.6',
+        search_tok_s=med([x['tok_s'] for x in vs['search']]), engine_tok_s=med([x['tok_s'] for x in vs['engine']]),
+        search_active_rows_per_forward=med([x['active_rows_per_forward'] for x in vs['search']]),
+        search_padded_rows_per_forward=med([x['padded_rows_per_forward'] for x in vs['search']]),
+        search_ms_per_forward=med([1000*x['seconds']/max(x['forwards'], 1) for x in vs['search']]),
+        engine_ms_per_forward=med([1000*x['seconds']/max(x['forwards'], 1) for x in vs['engine']]),
+        time_split={k: med([x[k] for x in vs['split']]) for k in ('slm_forward', 'engine_other', 'outside_engine')},
+        outside_slm_forward=med([1 - x['slm_forward'] for x in vs['split']]), outside_target='<= 0.25', raw=vs)
     train_rows = {}
     for body in ('mlp', 'recursive'):
         xs = train_throughput(body, cfg, a.reps)
@@ -137,7 +193,9 @@ def main(argv=None):
                machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(), torch=torch.__version__),
                search=rows, cost_per_sim_128_vs_8=cost_ratio, cost_per_sim_128_vs_8_cpu=cpu_cost_ratio, cost_per_token_128_vs_8=token_cost_ratio,
                leaf_batch_8_vs_1_speedup_cpu=cpu_batch_speedup, load_average=os.getloadavg(), leaf_batch_8_vs_1_speedup=batch_speedup,
-               train=train_rows, targets=dict(cost_per_sim_128_vs_8='<= 1.2', leaf_batch_8_vs_1_speedup='>= 2'),
+               train=train_rows, search_vs_engine=search_vs_engine,
+               targets=dict(cost_per_sim_128_vs_8='<= 1.2', leaf_batch_8_vs_1_speedup='>= 2', search_vs_engine='>= 0.6',
+                            outside_slm_forward='<= 0.25'),
                overrides=a.set)
     print("\n| n_sims | leaf_batch | sims/s | SLM tok/s | ms/sim | ms/token | tok/sim | expansions | max depth |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows.values():
@@ -145,6 +203,11 @@ def main(argv=None):
               f"{r['ms_per_token']:.1f} | {r['tokens_per_sim']:.1f} | {r['expansions']:.0f} | {r['max_depth']:.0f} |")
     print(f"\ncost per simulation, 128 vs 8 sims: {cost_ratio:.2f}x wall, {cpu_cost_ratio:.2f}x CPU (target <= 1.2x); per SLM token: {token_cost_ratio:.2f}x")
     print(f"leaf_batch 8 vs 1 at 32 sims: {batch_speedup:.2f}x sims/s wall, {cpu_batch_speedup:.2f}x CPU (target >= 2x)")
+    sv = search_vs_engine
+    print(f"search vs the engine's batched step at width 8: {sv['search_tok_s']:.1f} vs {sv['engine_tok_s']:.1f} tok/s = {sv['ratio']:.2f}x (target >= 0.6x); "
+          f"{sv['search_active_rows_per_forward']:.1f} active rows per search forward ({sv['search_ms_per_forward']:.0f} ms) vs 8 ({sv['engine_ms_per_forward']:.0f} ms)")
+    print(f"search time: SLM forward {sv['time_split']['slm_forward']:.0%}, engine around it {sv['time_split']['engine_other']:.0%}, "
+          f"outside the engine {sv['time_split']['outside_engine']:.0%} (outside the SLM forward: {sv['outside_slm_forward']:.0%}, target <= 25%)")
     print(f"load average during the run: {os.getloadavg()} on {os.cpu_count()} cores (CPU-time ratios are the robust ones on a shared machine)")
     for b, r in train_rows.items(): print(f"training, {b} body: {r['samples_per_s']:.0f} samples/s (batch {r['batch_size']})")
     out = atomic_write_json(a.out, res)

@@ -460,21 +460,23 @@ def _run(self:Engine, rows:list[_Row]) -> None:
     pos = torch.tensor([[r.prefix.end] for r in rows], device=self.device)
     cache = _BufferCache(buf, P)
     x, lp, _ = self._next_stats(torch.stack([r.prefix.logits for r in rows]))
+    lo = xlo = 0  # rows[:lo] have finished and left the forward; x, lp hold the rows from xlo on
     for j in range(S):
         kinds = [r.next_kind() for r in rows]
         for r, (k, _) in zip(rows, kinds):
             if k == 'end': r.finished = True
         if all(r.finished for r in rows): break
+        while rows[lo].finished: lo += 1  # a finished row at the front of the group is not forwarded again
         toks = [self.pad_id] * B
         for b, (k, _) in enumerate(kinds):  # macro.answer_after_thought: no end of the answer before its first word
-            if k == 'sample' and rows[b].pending and not rows[b].inside: x[b, self.eos_list] = -float('inf')
+            if k == 'sample' and rows[b].pending and not rows[b].inside: x[b - xlo, self.eos_list] = -float('inf')
         greedy = [b for b, (k, _) in enumerate(kinds) if k == 'sample' and rows[b].temperature == 0]
         if greedy:
-            am = x[greedy].argmax(-1).tolist()
+            am = x[[b - xlo for b in greedy]].argmax(-1).tolist()
             for b, t in zip(greedy, am): toks[b] = t
         samp = [b for b, (k, _) in enumerate(kinds) if k == 'sample' and rows[b].temperature > 0]
         if samp:
-            for b, t in zip(samp, self._sample(x[samp].clone(), [rows[b] for b in samp])): toks[b] = t
+            for b, t in zip(samp, self._sample(x[[b - xlo for b in samp]].clone(), [rows[b] for b in samp])): toks[b] = t
         for b, (k, _) in enumerate(kinds):
             r = rows[b]
             if k == 'forced':
@@ -483,7 +485,7 @@ def _run(self:Engine, rows:list[_Row]) -> None:
                 elif g == TAG_CLOSE: r.inside, r.pending = False, self.cfg.macro.answer_after_thought
             elif k == 'sample':
                 t = toks[b]; r.n_sampled += 1; g = TAG_THOUGHT if r.inside else TAG_VISIBLE
-                if not r.inside: r.lp_sum += float(lp[b, t]); r.lp_n += 1
+                if not r.inside: r.lp_sum += float(lp[b - xlo, t]); r.lp_n += 1
                 if r.pending and not r.inside and any(ch.isalnum() for ch in self.tok.decode([t])): r.pending = False
                 if t in self.eos_ids:
                     r.eos, g = True, TAG_EOS
@@ -492,20 +494,22 @@ def _run(self:Engine, rows:list[_Row]) -> None:
                         r.forced.extend((x, TAG_CLOSE) for x in self.close_seq[1:])
             if k != 'end': r.toks.append(toks[b]); r.tags.append(g)
         active = [not r.finished for r in rows]
+        if lo != xlo: cache.buf = buf[:, :, lo:]  # a view: the rows still decoding write into the same buffer
         cache.pos = P + j
-        h = self.model.model(input_ids=torch.tensor(toks, device=self.device)[:, None], attention_mask=self._masks(mask[..., :P + j + 1], P + j),
-                             position_ids=pos + j, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        h = self.model.model(input_ids=torch.tensor(toks[lo:], device=self.device)[:, None], attention_mask=self._masks(mask[lo:, ..., :P + j + 1], P + j),
+                             position_ids=pos[lo:] + j, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
         logits = self.model.lm_head(h)
         x, lp, st = self._next_stats(logits)
-        hf = h.float()
+        xlo, hf = lo, h.float()
         n_act = sum(active)
-        self.counters['forwarded'] += n_act; self.counters['padded'] += B - n_act; self.counters['forward_calls'] += 1
+        self.counters['forwarded'] += n_act; self.counters['padded'] += B - lo - n_act; self.counters['forward_calls'] += 1
         ent, ve, gp = st['entropy'].tolist(), st['varentropy'].tolist(), st['logit_gap'].tolist()
         for b, r in enumerate(rows):
             if not active[b]: continue
-            r.ent.append(ent[b]); r.hsum += hf[b]
-            if r.tags[-1] == TAG_VISIBLE: r.hvis += hf[b]; r.n_vis += 1
-            r.logits, r.ls = logits[b], (ent[b], ve[b], gp[b])
+            i = b - lo
+            r.ent.append(ent[i]); r.hsum += hf[i]
+            if r.tags[-1] == TAG_VISIBLE: r.hvis += hf[i]; r.n_vis += 1
+            r.logits, r.ls = logits[i], (ent[i], ve[i], gp[i])
     for b, r in enumerate(rows):
         n, pre = len(r.toks), r.prefix
         kind = {Action.THINK_BEGIN: 'open', Action.THINK_END: 'close'}.get(r.plan.action, 'chunk')

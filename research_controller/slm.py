@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'SMOLLM2_PIP', 'GEMMA_PIP', 'ANSWER_CUE', 'SLMSource', 'slm_cache_dir', 'resolve_source', 'gguf_cache_path',
-           'convert_gguf', 'resolve_device', 'resolve_dtype', 'add_thought_tokens', 'newline_ids', 'base_model_stops',
-           'load_slm', 'encode_prompt', 'quick_generate', 'model_fingerprint', 'tiny_slm', 'precision_agreement']
+           'convert_gguf', 'resolve_device', 'resolve_dtype', 'resolve_threads', 'add_thought_tokens', 'newline_ids',
+           'base_model_stops', 'int8_dynamic', 'load_slm', 'encode_prompt', 'quick_generate', 'model_fingerprint',
+           'tiny_slm', 'precision_agreement']
 
 # %% ../nbs/01_slm.ipynb #29271dd2
 @dataclass(frozen=True)
@@ -123,6 +124,13 @@ def resolve_dtype(cfg:SLMConfig, device:torch.device) -> torch.dtype:
     if cfg.dtype == 'auto': return torch.bfloat16 if device.type == 'cpu' else torch.float16
     return getattr(torch, cfg.dtype)
 
+# %% ../nbs/01_slm.ipynb #3b7f942f
+def resolve_threads(cfg:SLMConfig) -> int:
+    "The torch thread count `cfg.threads` names (0 = auto: half the cores this process may use, at least 1)."
+    if cfg.threads: return cfg.threads
+    n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, n // 2)
+
 # %% ../nbs/01_slm.ipynb #55b28ab8
 def add_thought_tokens(model, tok, cfg:SLMConfig):
     "Add the two thought tokens to `tok` and `model`, initialising their rows from phrase embeddings."
@@ -163,11 +171,11 @@ def base_model_stops(model, tok):
 
 # %% ../nbs/01_slm.ipynb #a103dcf5
 def _quant_config(cfg:SLMConfig, src:SLMSource):
-    if cfg.quantization == 'none': return None
+    if cfg.quantization in ('none', 'int8'): return None  # int8 is applied after loading (`int8_dynamic`)
     if src.kind == 'gguf':
         raise ConfigError(f"slm.quantization={cfg.quantization!r} cannot re-quantise a GGUF source ({Path(src.path).name}). "
-                          f"Fix: set slm.quantization: none, or set slm.source to the converted safetensors directory "
-                          f"(research_controller.slm.gguf_cache_path / `rc convert` prints it) and quantise that.")
+                          f"Fix: set slm.quantization: none (or int8, which works on any source), or set slm.source to the converted "
+                          f"safetensors directory (research_controller.slm.gguf_cache_path / `rc convert` prints it) and quantise that.")
     try: import bitsandbytes  # noqa: F401
     except ImportError: raise ConfigError("slm.quantization needs bitsandbytes. Fix: pip install 'research_controller[quant]'") from None
     from transformers import BitsAndBytesConfig
@@ -178,6 +186,24 @@ def _freeze(model):
     for p in model.parameters(): p.requires_grad_(False)
     return model.eval()
 
+# %% ../nbs/01_slm.ipynb #9dacf87f
+def _int8_dtype(cfg:SLMConfig, device:torch.device) -> torch.dtype:
+    "float32, the dtype `slm.quantization: int8` computes in; refuses a GPU or an explicit half-precision dtype."
+    if device.type != 'cpu':
+        raise ConfigError(f"slm.quantization='int8' runs on the CPU only (slm.device resolves to {device.type}). "
+                          "Fix: set slm.device: cpu, or slm.quantization: 8bit / 4bit (bitsandbytes) on a GPU.")
+    if cfg.dtype not in ('auto', 'float32'):
+        raise ConfigError(f"slm.quantization='int8' computes in float32, but slm.dtype={cfg.dtype!r}. Fix: set slm.dtype: auto (or float32).")
+    return torch.float32
+
+def int8_dynamic(model):
+    "`model` with every `nn.Linear` replaced by a dynamically quantised int8 linear (weights per output channel)."
+    import warnings
+    from torch.ao.quantization import quantize_dynamic, per_channel_dynamic_qconfig
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.ao.quantization announces its move to torchao; the pinned torch has it
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+
 # %% ../nbs/01_slm.ipynb #d5ac8049
 @functools.lru_cache(maxsize=4)
 def _load_slm_cached(cfg:SLMConfig):
@@ -185,8 +211,9 @@ def _load_slm_cached(cfg:SLMConfig):
     src = resolve_source(cfg)
     qc = _quant_config(cfg, src)
     path = str(convert_gguf(src, cfg)) if src.kind == 'gguf' else src.path
-    device = resolve_device(cfg); dtype = resolve_dtype(cfg, device)
-    if cfg.threads: torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg)
+    dtype = _int8_dtype(cfg, device) if cfg.quantization == 'int8' else resolve_dtype(cfg, device)
+    torch.set_num_threads(resolve_threads(cfg))
     kw = dict(dtype=dtype, attn_implementation=cfg.attn_implementation)
     if qc is not None: kw['quantization_config'] = qc
     from transformers.utils import logging as hf_logging
@@ -204,6 +231,7 @@ def _load_slm_cached(cfg:SLMConfig):
     model, tok = add_thought_tokens(model, tok, cfg)
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     if not src.chat and tok.chat_template is None: model, tok = base_model_stops(model, tok)
+    if cfg.quantization == 'int8': model = int8_dynamic(model)  # after the thought rows joined the (tied) head
     model.rc_source, model.rc_chat = src, src.chat and tok.chat_template is not None
     return _freeze(model), tok
 
@@ -237,14 +265,23 @@ def quick_generate(model, tok, prompt:str, max_new_tokens:int=32, cfg=None) -> s
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 # %% ../nbs/01_slm.ipynb #7503d9a7
+def _weight_bytes(t) -> bytes:
+    "The bytes of one state-dict entry: a tensor, a quantised tensor (int values and scales) or a tuple of them."
+    if isinstance(t, (tuple, list)): return b''.join(_weight_bytes(x) for x in t)
+    if not isinstance(t, torch.Tensor): return repr(t).encode()
+    t = t.detach().cpu()
+    if t.is_quantized:
+        sc = t.q_per_channel_scales() if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) else torch.tensor([t.q_scale()])
+        return _weight_bytes(t.int_repr()) + _weight_bytes(sc.double())
+    t = t.contiguous().reshape(-1)  # 0-d entries (a quantised layer's scale) too
+    return t.view(torch.uint8).numpy().tobytes() if t.dtype.is_floating_point or t.dtype == torch.uint8 else t.numpy().tobytes()
+
 def model_fingerprint(model) -> str:
     "16-hex-digit sha256 of the model's config and weights (cached on the model)."
     if getattr(model, '_rc_fingerprint', None): return model._rc_fingerprint
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        t = t.detach().cpu().contiguous()
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype.is_floating_point or t.dtype == torch.uint8 else t.numpy().tobytes())
+        h.update(name.encode()); h.update(_weight_bytes(t))
     model._rc_fingerprint = h.hexdigest()[:16]
     return model._rc_fingerprint
 
@@ -281,8 +318,8 @@ def precision_agreement(texts:list[str], modes=('bfloat16', '8bit', '4bit'), bas
     ref_lp = [torch.log_softmax(ref(b).logits.float(), -1) for b in batch]
     rows = []
     for m in modes:
-        kw = dict(dtype=m) if m in ('bfloat16', 'float16') else dict(quantization=m)
-        c = SLMConfig(source=src_dir, cache_dir=base.cache_dir, **({'dtype': 'bfloat16'} | kw))
+        kw = dict(dtype=m) if m in ('bfloat16', 'float16') else dict(quantization=m, dtype='auto' if m == 'int8' else 'bfloat16')
+        c = SLMConfig(source=src_dir, cache_dir=base.cache_dir, **kw)
         model, _ = load_slm(c)
         agree, kl, n = 0, 0.0, 0
         for b, r in zip(batch, ref_lp):
