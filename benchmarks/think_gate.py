@@ -4,8 +4,9 @@ For a seeded sample of train-split items of every task (in the research suite's 
 both arms are played at the same token budget, everything forwarded counted:
   answer directly  greedy
   think first      think_answer (a thought to the first sentence end, then the answer to a sentence end)
-and `d` = task score of thinking minus that of answering. `train.fit_think_gate` fits a linear gate on the root state
-vector (which carries the prompt's pooled hidden state): a logistic model that thinks where `d > 0` (items weighted by
+and `d` = task score of thinking minus that of answering. `train.fit_think_gate` fits a linear gate on what `--inputs`
+names (`controllers.gate_inputs`; default: the root state vector, which carries the prompt's pooled hidden state, and
+MiniLM embeddings of the prompt's first and last 200 characters, which carry the kind of request): a logistic model that thinks where `d > 0` (items weighted by
 |d|) or a ridge regression of `d`, the kind and its L2 penalty chosen by 5-fold cross-validation on the gain over never
 thinking. Printed: per task the mean `d`, the
 cross-validated gain of the gate against always/never thinking and the oracle, and where the gate thinks.
@@ -16,7 +17,8 @@ run resumes where it stopped and a refit (`--refit`) reads the
 stored outcomes and only recomputes the root state vectors (one prefill per prompt, no generation).
 
 Usage:  python benchmarks/think_gate.py [--squad 100 --wikitext 40 --nq 30 --gsm8k 20] [--seed 7] [--budget 64]
-        [--threads 1] [--out assets/think_gate_smollm2.json] [--outcomes FILE] [--refit] [--set key=value ...]
+        [--threads 1] [--out assets/think_gate_smollm2.json] [--outcomes FILE] [--refit] [--inputs state,prompt_head,prompt_tail]
+        [--set key=value ...]
 The fitted gate is evaluated on the eval split like any controller: rc evaluate --suite research --controller think_gate.
 """
 from __future__ import annotations
@@ -43,12 +45,13 @@ def main(argv=None) -> int:
     ap.add_argument('--outcomes', default=None, help="where played outcomes are stored and resumed from "
                     "(default: benchmarks/results/think_gate_outcomes_seed<seed>.json)")
     ap.add_argument('--refit', action='store_true', help="fit from stored outcomes only; refuse to generate")
+    ap.add_argument('--inputs', default='state,prompt_head,prompt_tail', help="what the gate reads, comma-separated (controllers.GATE_INPUTS)")
     ap.add_argument('--set', dest='sets', action='append', default=[], metavar='KEY=VALUE')
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from tqdm.auto import tqdm
     from research_controller.config import atomic_write_json, load_config
-    from research_controller.controllers import GreedyBaseline, ThinkThenAnswer
+    from research_controller.controllers import GATE_INPUTS, PROMPT_END_CHARS, GreedyBaseline, ThinkThenAnswer, gate_inputs
     from research_controller.engine import Engine
     from research_controller.rewards import TASK_METRIC, load_task_items, task_score
     from research_controller.slm import load_slm
@@ -58,7 +61,10 @@ def main(argv=None) -> int:
     items = [it for t, n in (('squad', a.squad), ('wikitext', a.wikitext), ('nq_open', a.nq), ('gsm8k', a.gsm8k))
              for it in load_task_items(cfg, t, 'train', n=n, seed=a.seed)]
     t0 = time.time()
-    X = np.concatenate([eng.features_batch(eng.new_states([it['prompt'] for it in items[i:i + a.batch]], a.budget))
+    inputs = [x.strip() for x in a.inputs.split(',') if x.strip()]
+    if not inputs or any(x not in GATE_INPUTS for x in inputs):
+        print(f"error: --inputs {a.inputs!r}: name one or more of {', '.join(GATE_INPUTS)}.", file=sys.stderr); return 2
+    X = np.concatenate([gate_inputs(eng, eng.new_states([it['prompt'] for it in items[i:i + a.batch]], a.budget), inputs)
                         for i in range(0, len(items), a.batch)])
     arms = {'answer': GreedyBaseline(cfg), 'think': ThinkThenAnswer(cfg)}
     out_path = Path(a.outcomes or f'benchmarks/results/think_gate_outcomes_seed{a.seed}.json')
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
     tasks = np.array([it['task'] for it in items])
     z = (np.nan_to_num(X) - np.array(gate['mu'])) / np.array(gate['sd'])
     think = z @ np.array(gate['w']) + gate['b'] >= 0
-    gate.update(slm_fingerprint=eng.fingerprint, feature_dim=eng.feature_dim, thought_style=cfg.macro.thought_style,
+    gate.update(slm_fingerprint=eng.fingerprint, feature_dim=eng.feature_dim, inputs=inputs, prompt_end_chars=PROMPT_END_CHARS, thought_style=cfg.macro.thought_style,
                 thought_open_text=cfg.macro.thought_open_text, thought_close_text=cfg.macro.thought_close_text,
                 answer_after_thought=cfg.macro.answer_after_thought, budget=a.budget,
                 split='train', seed=a.seed, tasks={t: int((tasks == t).sum()) for t in sorted(set(tasks))},

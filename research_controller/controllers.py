@@ -15,6 +15,7 @@ from fastcore.basics import patch
 from .config import Config, load_config, run_path
 from .macro_actions import ACTION_NAMES, N_ACTIONS, Action
 from .engine import Engine, GenState, GenerationResult, Segment, get_engine
+from .features import get_embedder
 from .mcts import MCTS
 from .cases import CaseIndex, CaseStoreError, cases_prior, default_embedder, mix_prior
 from .network import CheckpointError, PolicyValueNet, load_checkpoint, make_evaluator
@@ -22,11 +23,12 @@ from .rewards import Judge, RewardCalculator, asset_path, gsm8k_extract, normali
 from .registry import ControllerRegistry, RegistryError, version_name
 
 # %% auto #0
-__all__ = ['GATE_KIND', 'LEARNED', 'BASELINES', 'Controller', 'GreedyBaseline', 'SamplingBaseline', 'GreedyStopRule',
-           'ThinkThenAnswer', 'GateError', 'load_think_gate', 'ThinkGate', 'BestOfN', 'short_answer', 'SelfConsistency',
-           'ThresholdController', 'make_controller', 'PolicyController', 'EnvState', 'finished_key', 'SearchEnv',
-           'ValueEnv', 'MCTSController', 'checkpoint_version', 'load_controller', 'baseline_names',
-           'registry_if_exists', 'controller_key', 'resolve_controller', 'generate_text']
+__all__ = ['GATE_KIND', 'GATE_INPUTS', 'PROMPT_END_CHARS', 'LEARNED', 'BASELINES', 'Controller', 'GreedyBaseline',
+           'SamplingBaseline', 'GreedyStopRule', 'ThinkThenAnswer', 'GateError', 'load_think_gate', 'gate_inputs',
+           'ThinkGate', 'BestOfN', 'short_answer', 'SelfConsistency', 'ThresholdController', 'make_controller',
+           'PolicyController', 'EnvState', 'finished_key', 'SearchEnv', 'ValueEnv', 'MCTSController',
+           'checkpoint_version', 'load_controller', 'baseline_names', 'registry_if_exists', 'controller_key',
+           'resolve_controller', 'generate_text']
 
 # %% ../nbs/10_controllers.ipynb #452c9141
 def _budget(engine:Engine, max_new_tokens) -> int:
@@ -163,6 +165,8 @@ class ThinkThenAnswer(GreedyStopRule):
 
 # %% ../nbs/10_controllers.ipynb #faac446c
 GATE_KIND = 'think_gate'
+GATE_INPUTS = ('state', 'prompt_head', 'prompt_tail')  # what a gate may read: the root state vector, MiniLM embeddings of the prompt's ends
+PROMPT_END_CHARS = 200  # characters of the prompt's head / tail a gate embeds
 
 class GateError(ValueError):
     "A think-gate file that cannot be used: the message names the file, the field and the fix."
@@ -178,11 +182,29 @@ def load_think_gate(path:str|Path) -> dict:
     for k in ('w', 'b', 'mu', 'sd', 'slm_fingerprint', 'thought_style', 'thought_close_text'):
         if k not in g: raise GateError(f"think gate {str(p)!r} lacks the field {k!r}. {fix}")
     if not (len(g['w']) == len(g['mu']) == len(g['sd'])): raise GateError(f"think gate {str(p)!r}: w, mu and sd differ in length. {fix}")
+    ins = g.get('inputs', ['state'])
+    if not isinstance(ins, list) or not ins or any(x not in GATE_INPUTS for x in ins) or len(set(ins)) != len(ins):
+        raise GateError(f"think gate {str(p)!r}: inputs={ins!r}; it must be a list of distinct names from {list(GATE_INPUTS)}. {fix}")
     return g
+
+# %% ../nbs/10_controllers.ipynb #0fc8df34
+def gate_inputs(engine:Engine, states:Sequence[GenState], # root states (their prompts are read too)
+                inputs:Sequence[str]=('state',), # names from GATE_INPUTS, in the gate's order
+               ) -> np.ndarray:
+    "The [n, D] input of a think gate: the named parts, side by side (the root state vectors, the prompt ends' embeddings)."
+    parts, emb = [], None
+    for name in inputs:
+        if name == 'state': parts.append(engine.features_batch(list(states)))
+        elif name in ('prompt_head', 'prompt_tail'):
+            emb = emb or get_embedder(engine.cfg)
+            ends = [s.prompt[:PROMPT_END_CHARS] if name == 'prompt_head' else s.prompt[-PROMPT_END_CHARS:] for s in states]
+            parts.append(np.asarray(emb.embed(ends), np.float32))
+        else: raise GateError(f"unknown gate input {name!r}; choose from {list(GATE_INPUTS)}.")
+    return np.concatenate(parts, 1)
 
 # %% ../nbs/10_controllers.ipynb #f73e89fa
 class ThinkGate(Controller):
-    "Learned first decision: think, then answer (`think_answer`), or answer directly (greedy), by a linear gate on the root state."
+    "Learned first decision: think, then answer (`think_answer`), or answer directly (greedy), by a linear gate on the root state (and the prompt's ends)."
     name = 'think_gate'
     def __init__(self, cfg:Config|None=None, gate:dict|None=None, # gate: a loaded gate; None = `baselines.think_gate_path`
                  strict:bool=True): # False: on an SLM the gate was not fitted for, warn and answer directly (greedy) instead of refusing
@@ -190,6 +212,7 @@ class ThinkGate(Controller):
         self.strict, self.fallback = strict, None  # fallback: why this gate answers directly on the engine at hand (strict=False only)
         self.gate = gate if gate is not None else load_think_gate(asset_path(self.cfg.baselines.think_gate_path))
         self.w, self.mu, self.sd = (np.asarray(self.gate[k], np.float64) for k in ('w', 'mu', 'sd'))
+        self.inputs = tuple(self.gate.get('inputs', ['state']))  # what the gate reads (`gate_inputs`)
         self.identity = 'think_gate:' + hashlib.sha256(json.dumps(self.gate, sort_keys=True).encode()).hexdigest()[:16]  # a refitted gate is another controller
         self.think, self.plain = ThinkThenAnswer(self.cfg), GreedyBaseline(self.cfg)
         self._think = weakref.WeakKeyDictionary()  # GenState -> the arm chosen at its first decision (gone with the state)
@@ -204,7 +227,8 @@ def misfit(self:ThinkGate, engine:Engine) -> str|None:
     g, mc = self.gate, engine.cfg.macro
     if g['slm_fingerprint'] != engine.fingerprint:
         return f"this think gate was fitted on SLM {g['slm_fingerprint']}, the engine runs {engine.fingerprint}. Fix: fit a gate for this SLM (benchmarks/think_gate.py)."
-    if len(self.w) != engine.feature_dim: return f"this think gate reads {len(self.w)} features, the engine makes {engine.feature_dim}. Fix: fit a gate for this SLM."
+    dim = sum(engine.feature_dim if x == 'state' else get_embedder(engine.cfg).dim for x in self.inputs)
+    if len(self.w) != dim: return f"this think gate reads {len(self.w)} features, the engine makes {dim} for its inputs {list(self.inputs)}. Fix: fit a gate for this SLM."
     if (g['thought_style'], g['thought_close_text']) != (mc.thought_style, mc.thought_close_text):
         return (f"this think gate was fitted with thought_style={g['thought_style']!r} and close {g['thought_close_text']!r}; the engine has "
                 f"{mc.thought_style!r} and {mc.thought_close_text!r}. Fix: use those settings, or fit a gate under yours.")
@@ -232,7 +256,7 @@ def decide(self:ThinkGate, engine:Engine, s:GenState) -> tuple:
         a, note = self.plain.decide(engine, s)
         return a, dict(note or {}, gate=None, gate_choice='answer', gate_fallback=self.fallback)
     if s.last is None:
-        p = self.p_think(engine.features(s)); self._think[s] = p >= 0.5
+        p = self.p_think(gate_inputs(engine, [s], self.inputs)[0]); self._think[s] = p >= 0.5
         a, note = (self.think if p >= 0.5 else self.plain).decide(engine, s)
         return a, dict(note or {}, gate=round(p, 4), gate_choice='think' if p >= 0.5 else 'answer')
     return (self.think if self._think.get(s) else self.plain).decide(engine, s)
