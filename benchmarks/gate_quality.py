@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(a.threads)
     from research_controller.config import atomic_write_json, load_config
-    from research_controller.controllers import GateError, ThinkGate, load_think_gate
+    from research_controller.controllers import GateError, ThinkGate, gate_inputs, load_think_gate
     from research_controller.engine import Engine
     from research_controller.evaluate import SuiteResult, build_suite, spearman
     from research_controller.slm import load_slm
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     tg = ThinkGate(cfg, gate); tg.check(eng)
     by_id = {k: {r.item_id: r for r in v.records} for k, v in res.items()}
     items = [it for it in suite.items if it['id'] in by_id['think'] and it['id'] in by_id['greedy']]
-    X = np.concatenate([eng.features_batch(eng.new_states([it['prompt'] for it in items[i:i + 8]], res['think'].token_budget))
-                        for i in range(0, len(items), 8)])
+    X = np.concatenate([gate_inputs(eng, eng.new_states([it['prompt'] for it in items[i:i + 8]], res['think'].token_budget), tg.inputs)
+                        for i in range(0, len(items), 8)])  # what the gate reads (its file names the inputs)
     z = (np.nan_to_num(X) - tg.mu) / tg.sd
     score = z @ tg.w + gate['b']
     d = np.array([by_id['think'][it['id']].value('task') - by_id['greedy'][it['id']].value('task') for it in items])
