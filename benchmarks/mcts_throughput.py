@@ -29,7 +29,7 @@ import torch
 def _zero_reward(text, item=None, n_tokens=None, unclosed_thought=False): return 0.0
 
 
-def search_once(engine, net_eval, cfg, prompt, n_sims, leaf_batch, seed):
+def search_once(engine, net_eval, cfg, prompt, n_sims, leaf_batch, seed, clock=None):
     "One search from a fresh root; returns (seconds, simulations, tokens, SLM forward calls, max depth, expansions)."
     from research_controller.config import replace_config
     from research_controller.mcts import MCTS, SearchLog
@@ -43,9 +43,11 @@ def search_once(engine, net_eval, cfg, prompt, n_sims, leaf_batch, seed):
     sl = SearchLog()
     m = MCTS(env, net_eval, c.mcts, seed=seed, callbacks=[sl])
     calls0 = engine.counters['forward_calls']
+    k0 = clock.read() if clock else None  # the root's prefill is not part of the search
     t, c0 = time.perf_counter(), time.process_time()
     r = m.search(root, add_noise=True, n_sims=n_sims, early_stop=False)
     dt, cpu = time.perf_counter() - t, time.process_time() - c0
+    if clock: clock.last = tuple(b - a for a, b in zip(k0, clock.read()))  # (SLM forward s, step_batch s) inside the search
     depth, stack = 0, [(m.root, 0)]
     while stack:
         nd, d = stack.pop(); depth = max(depth, d)
@@ -163,9 +165,9 @@ def main(argv=None):
     clock = ForwardClock(engine)
     vs = dict(search=[], engine=[], split=[])
     for rep in range(a.reps):  # search and the engine's batched step, interleaved on the same prompt
-        f0, e0, c0 = *clock.read(), dict(engine.counters)
-        dt, sims, toks, calls, depth, leaves, cpu = search_once(engine, ev, cfg, prompts[rep], 32, 8, 100 + rep)
-        f1, e1 = clock.read()
+        c0 = dict(engine.counters)
+        dt, sims, toks, calls, depth, leaves, cpu = search_once(engine, ev, cfg, prompts[rep], 32, 8, 100 + rep, clock=clock)
+        (f0, e0), (f1, e1) = (0.0, 0.0), clock.last
         rows_fw, pad = engine.counters['forwarded'] - c0['forwarded'], engine.counters['padded'] - c0['padded']
         vs['search'].append(dict(seconds=dt, tokens=toks, forwards=calls, tok_s=toks/dt, active_rows_per_forward=rows_fw/max(calls, 1),
                                  padded_rows_per_forward=pad/max(calls, 1)))
