@@ -490,7 +490,6 @@ class SearchEnv:
         return EnvState(self.engine.new_state(prompt, max_new_tokens, seed=seed))
 
     def legal_mask(self, s:EnvState) -> np.ndarray: return self.engine.legal_mask(s.gs)
-    def free_action(self, a:int) -> bool: return int(a) == Action.STOP  # STOP forwards no token: it takes no row of a leaf batch
     def is_terminal(self, s:EnvState) -> bool: return self.engine.is_done(s.gs)
     def tokens_spent(self, s:EnvState) -> int: return self.engine.tokens_spent(s.gs)
     def finished(self, states:Sequence[EnvState]) -> None:

@@ -299,15 +299,10 @@ def _backup(self:MCTS, path:list, value:float, pending:bool=False):
 
 # %% ../nbs/05_mcts.ipynb #e657570c
 @patch
-def _run_batch(self:MCTS, root:Node, P_root:np.ndarray, want:int, # walks (leaves that take a row, with `env.free_action`)
-               cap:int|None=None, # at most this many simulations in the batch (default `want`)
-              ) -> dict:
+def _run_batch(self:MCTS, root:Node, P_root:np.ndarray, want:int) -> dict:
     pending, keys = [], set()
-    sims = terminals = collisions = tokens = rows = walks = 0
-    free = getattr(self.env, 'free_action', None)  # env hint: True for an action that forwards no SLM token
-    cap = want if cap is None or free is None else max(cap, want)
-    while (walks < want) if free is None else (rows < want and sims + len(pending) < cap and walks < 2 * cap):
-        walks += 1
+    sims = terminals = collisions = tokens = 0
+    for _ in range(want):
         node, P, path = root, P_root, []
         while True:
             a = self._pick(node, P)
@@ -321,7 +316,7 @@ def _run_batch(self:MCTS, root:Node, P_root:np.ndarray, want:int, # walks (leave
         if (id(node), a) in keys: collisions += 1; break
         keys.add((id(node), a))
         for n_, a_ in path: n_.VL[a_] += 1
-        pending.append(path); rows += free is None or not free(a)
+        pending.append(path)
     if pending:
         kids = self.env.expand([p[-1][0].state for p in pending], [p[-1][1] for p in pending])
         if len(kids) != len(pending): raise ValueError(f"env.expand returned {len(kids)} states for {len(pending)} (parent, action) pairs.")
@@ -367,7 +362,7 @@ def search(self:MCTS,
     done = tokens = 0; reason = 'sims'
     while done < n_sims:
         if early_stop and root.N.sum() > 0 and self._settled(root, n_sims - done): reason = 'decided'; break
-        info = self._run_batch(root, P_root, min(cfg.leaf_batch, n_sims - done), n_sims - done)
+        info = self._run_batch(root, P_root, min(cfg.leaf_batch, n_sims - done))
         done += info['sims']; tokens += info['tokens']
         self._cb('on_leaf_batch', dict(info, sims_done=done, tokens_spent=tokens))
         if token_budget and tokens >= token_budget: reason = 'tokens'; break
