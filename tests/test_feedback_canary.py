@@ -7,21 +7,15 @@ import torch
 from fastapi.testclient import TestClient
 
 from research_controller.config import ConfigError, load_config, replace_config
-from research_controller.controllers import Controller, make_controller
+from research_controller.controllers import make_controller
 from research_controller.engine import Engine
-from research_controller.macro_actions import Action
 from research_controller.rewards import task_score
 from research_controller.serve import (REDACTED, CanaryRouter, ServedLog, StaticResolver, create_app, load_served_trajectories)
 from research_controller.slm import tiny_slm
 
+from _controllers import Thinker
 
-class Thinker(Controller):
-    "Opens a thought at once, writes one chunk in it, closes it, then continues: every answer has a hidden thought."
-    name = 'thinker'
-    def decide(self, engine, s):
-        n, m = len(engine.decisions(s)), engine.legal_mask(s)
-        a = (Action.THINK_BEGIN, Action.CONTINUE, Action.THINK_END)[n] if n < 3 else Action.CONTINUE
-        return (a if m[a] else Action.CONTINUE), None
+
 
 
 @pytest.fixture(scope='module')
