@@ -613,13 +613,19 @@ def thought_spans(self:Engine, tip:Segment) -> list[list[int]]:
 
 # %% ../nbs/04_engine.ipynb #bad4b4ff
 @patch
+def decision_features(self:Engine, s:GenState, drift:bool=False, # embed the topic drift nobody computed yet (NaN otherwise)
+                     ) -> np.ndarray:
+    "The state vector [n_decisions, feature_dim] each decision of `s` was taken in (what a controller saw)."
+    return self._vectors([(d.pre_tip, d.pre_ms, s.root, s.prompt) for d in self.decisions(s)], drift)
+
+@patch
 def trace(self:Engine, s:GenState, include_thoughts:bool=False, # show thought chunks instead of redacting them
           notes:Optional[dict]=None, # {step: {key: value}} extra fields a controller attaches (e.g. why it acted)
           drift:bool=False, # embed the topic drift of decisions whose drift nobody computed yet (None in the trace otherwise)
          ) -> list[dict]:
     "One JSON-serialisable dict per decision of `s`: step, action, tokens added, spent so far, chunk text and features."
     ds = self.decisions(s)
-    feats = self._vectors([(d.pre_tip, d.pre_ms, s.root, s.prompt) for d in ds], drift)
+    feats = self.decision_features(s, drift)
     out = []
     for d, f in zip(ds, feats):
         e = dict(step=d.step, action=d.action.name, tokens=d.post_ms.spent - d.pre_ms.spent, spent=d.post_ms.spent,

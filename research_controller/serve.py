@@ -308,7 +308,7 @@ def decisions_of(engine, # the shared Engine
                 ) -> dict:
     "The `decisions` of `s` for the served-trajectory log: each decision's state vector (as the controller saw it), legal mask and action."
     ds = engine.decisions(s)
-    X = engine._vectors([(d.pre_tip, d.pre_ms, s.root, s.prompt) for d in ds], True)  # the engine's feature rule; drift cached on each tip
+    X = engine.decision_features(s, drift=True)  # the engine's feature rule; drift cached on each tip
     M = np.stack([macro_legal_mask(d.pre_ms, engine.cfg.macro) for d in ds]) if ds else np.zeros((0, len(Action)), bool)
     return served_decisions([d.action for d in ds], M, X)
 
