@@ -217,6 +217,7 @@ class SelfPlayConfig:
     tasks: list = setting(['wikitext', 'squad', 'gsm8k', 'nq_open'], "prompt sources mixed round-robin (name one twice to draw it twice as often)", choices=TASK_CHOICES)
     workers: int = setting(1, "parallel self-play processes", unit='processes', lo=1, hi=1024)
     batch_episodes: int = setting(1, "episodes each self-play process plays in lock step, their search leaves sharing batched SLM forwards; 1 = one at a time", unit='episodes', lo=1, hi=4096)
+    leaf_value: str = setting('network', "value of an unfinished search leaf: the network's (0 before any training), or the reward of a rollout to the end (an open thought closed at once, then CONTINUE to the end; its tokens count as search tokens)", choices=['network', 'rollout'])
     ray_address: Optional[str] = setting(None, "Ray cluster self-play joins (e.g. 127.0.0.1:6379 or ray://host:10001); null = $RAY_ADDRESS, else a private local instance")
     backend: str = setting('local', "where workers run: local processes or Ray actors ([distributed] extra)", choices=['local', 'ray'])
     seed: int = setting(0, "self-play seed", lo=0, hi=2**32 - 1)

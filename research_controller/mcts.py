@@ -281,7 +281,15 @@ def _evaluate(self:MCTS, nodes:list):
     pri = np.where(masks, np.maximum(pri, 0), 0)
     s = pri.sum(1, keepdims=True)
     pri = np.where(s > 0, pri/np.where(s > 0, s, 1), masks/masks.sum(1, keepdims=True))
-    for n, p, v in zip(nodes, pri, np.clip(val, -1, 1)): n.P, n.v = p, float(v)
+    val = np.clip(val, -1, 1)
+    own = getattr(self.env, 'leaf_values', None)  # an env that values its unfinished leaves itself (rollouts)
+    lv = own([n.state for n in nodes]) if own is not None else None
+    if lv is not None:
+        lv = np.asarray(lv, np.float64).reshape(-1)
+        if lv.shape != (len(nodes),) or not np.isfinite(lv).all():
+            raise ValueError(f"env.leaf_values returned {lv.shape[0]} values for {len(nodes)} leaves (or a NaN); return one finite value per state, or None.")
+        val = np.clip(lv, -1, 1)
+    for n, p, v in zip(nodes, pri, val): n.P, n.v = p, float(v)
 
 # %% ../nbs/05_mcts.ipynb #122eca8b
 @patch

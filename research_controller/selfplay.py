@@ -85,11 +85,14 @@ class SelfPlayEnv(SearchEnv):
                  reward_fn:Callable|None, # (text, item, n_tokens, unclosed_thought) -> RewardBreakdown | float; None = no scoring
                  item:dict|None=None, # the task item of the episode (references for task scores)
                  bounds:tuple|None=None, # reward range mapped to [-1, 1]; None = reward_fn.bounds or reward_bounds(cfg)
+                 leaf_value:str|None=None, # 'network' or 'rollout' (see `leaf_values`); None = the engine's selfplay.leaf_value
                 ):
         super().__init__(engine, item)
         self.reward_fn = reward_fn
         self.bounds = tuple(bounds or getattr(reward_fn, 'bounds', None) or reward_bounds(engine.cfg))
-        self.cache, self.reward_calls = {}, 0
+        self.cache, self.reward_calls, self.rollout_tokens = {}, 0, 0
+        self.leaf_value = leaf_value or engine.cfg.selfplay.leaf_value
+        if self.leaf_value not in ('network', 'rollout'): raise ValueError(f"leaf_value must be 'network' or 'rollout', got {self.leaf_value!r}.")
 
     def finished(self, states:Sequence[EnvState]) -> None:
         "Score the finished children of an expansion at once (when there is a reward callback)."
@@ -127,6 +130,23 @@ def terminal_value(self:SelfPlayEnv, s:EnvState) -> float:
     "The finished episode's reward mapped to [-1, 1]."
     if not self.is_terminal(s): raise ValueError("terminal_value called on a state that is not finished.")
     return reward_to_value(self.reward(s).total, self.bounds)
+
+# %% ../nbs/11_selfplay.ipynb #5b602457
+@patch
+def leaf_values(self:SelfPlayEnv, states:Sequence[EnvState]) -> np.ndarray|None:
+    "With leaf_value='rollout', each state's value after a rollout to the end (open thought closed, then CONTINUE); else None (the network's value)."
+    if self.leaf_value != 'rollout' or self.reward_fn is None or not states: return None
+    cur, live = list(states), [i for i, s in enumerate(states) if not self.is_terminal(s)]
+    while live:
+        acts = []
+        for i in live:
+            m = self.legal_mask(cur[i])
+            closing = self.engine.signals(cur[i].gs)['in_thought'] and m[Action.THINK_END]
+            acts.append(int(Action.THINK_END) if closing else int(Action.CONTINUE) if m[Action.CONTINUE] else int(Action.STOP))
+        kids = self.expand([cur[i] for i in live], acts)
+        for i, k in zip(live, kids): self.rollout_tokens += self.tokens_spent(k) - self.tokens_spent(cur[i]); cur[i] = k
+        live = [i for i in live if not self.is_terminal(cur[i])]
+    return np.array([self.terminal_value(s) for s in cur])
 
 # %% ../nbs/11_selfplay.ipynb #55af0fff
 @dataclass
@@ -180,6 +200,7 @@ def play_selfplay_episode(engine, # the `Engine`
         state = mcts.advance(a)
     rt = env.reward(state)
     text, tokens, _ = finished_key(engine, state.gs)
+    search_tokens += getattr(env, 'rollout_tokens', 0)  # rollout values (selfplay.leaf_value='rollout') cost search tokens
     return Episode(np.stack(X).astype(np.float32), np.stack(M), np.stack(P).astype(np.float32),
                    reward_to_value(rt.total, env.bounds), rt.total, rt.terms, acts, text, tokens,
                    int(search_tokens), item.get('id'), item.get('task'), int(seed), time.perf_counter() - t0, item.get('prompt'))
