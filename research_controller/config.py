@@ -128,6 +128,10 @@ class MCTSConfig:
     temperature: float = setting(1.0, "visit-count temperature when choosing the move in self-play", lo=0.0, hi=10.0)
     temperature_moves: int = setting(4, "decisions played with `temperature` before switching to argmax", unit='decisions', lo=0, hi=100000)
     reuse_subtree: bool = setting(True, "keep the chosen child's subtree for the next decision")
+    root: str = setting('puct', "root selection rule: 'puct' (visit counts, Dirichlet noise in self-play) or 'gumbel' (Gumbel top-m + Sequential Halving, Danihelka et al. 2022)", choices=['puct', 'gumbel'])
+    gumbel_m: int = setting(4, "actions sampled without replacement at a Gumbel root (capped at the legal actions and n_sims)", unit='actions', lo=1, hi=64)
+    gumbel_c_visit: float = setting(50.0, "c_visit of the Gumbel transform sigma(q) = (c_visit + max_b N(b))*c_scale*q", lo=0.0, hi=10000.0)
+    gumbel_c_scale: float = setting(1.0, "c_scale of the Gumbel transform sigma(q) (q in [-1, 1]); larger = sharper policy targets", lo=0.0, hi=1000.0)
 
 # %% ../nbs/00_config.ipynb #b05ccf0a
 @dataclass(frozen=True)

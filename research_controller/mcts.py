@@ -15,7 +15,8 @@ from .config import MCTSConfig
 
 # %% auto #0
 __all__ = ['TreeEnv', 'uniform_evaluator', 'oracle_evaluator', 'TokenCostEnv', 'Node', 'SearchResult', 'SearchCallback',
-           'SearchLog', 'MCTS', 'play_episode', 'visit_policy', 'select_action']
+           'SearchLog', 'MCTS', 'play_episode', 'visit_policy', 'select_action', 'halving_schedule', 'completed_q',
+           'gumbel_sigma', 'improved_policy']
 
 # %% ../nbs/05_mcts.ipynb #90d59888
 class TreeEnv:
@@ -177,7 +178,7 @@ class Node:
 class SearchResult:
     "What one search decided and why."
     action: int
-    policy: np.ndarray        # visit distribution over all actions (training target); 0 where illegal
+    policy: np.ndarray        # training target: visit distribution (PUCT) or the Gumbel improved policy; 0 where illegal
     root_value: float         # mean value backed up through the root
     visits: np.ndarray        # root visits per action (includes visits kept from a reused subtree)
     q: np.ndarray             # mean value per action; NaN where unvisited
@@ -189,6 +190,7 @@ class SearchResult:
     reused_visits: int = 0    # root visits inherited from the previous decision's subtree
     legal: np.ndarray|None = None
     root_prior: np.ndarray|None = None  # the prior the root was searched with when a `root_prior` hook changed it (before noise); None = `priors`
+    considered: list|None = None  # Gumbel root (cfg.root='gumbel'): the top-m actions it sampled, best first; None under PUCT
 
     def to_trace(self, action_names:Sequence[str]|None=None) -> dict:
         "JSON-ready summary for the macro_trace; per-action lists, or dicts keyed by `action_names`."
@@ -200,7 +202,8 @@ class SearchResult:
                     priors=per(r(x) for x in self.priors), policy=per(r(x) for x in self.policy),
                     root_value=r(self.root_value), n_sims=self.n_sims_done, tokens=self.tokens_spent,
                     stopped_early=self.stopped_early, stop_reason=self.stop_reason, reused_visits=self.reused_visits,
-                    **({} if self.root_prior is None else dict(root_prior=per(r(x) for x in self.root_prior))))
+                    **({} if self.root_prior is None else dict(root_prior=per(r(x) for x in self.root_prior))),
+                    **({} if self.considered is None else dict(considered=[action_names[a] if action_names else a for a in self.considered])))
 
     def __repr__(self):
         return (f"SearchResult(action={self.action}, visits={self.visits.astype(int).tolist()}, "
@@ -307,13 +310,13 @@ def _backup(self:MCTS, path:list, value:float, pending:bool=False):
 
 # %% ../nbs/05_mcts.ipynb #e657570c
 @patch
-def _run_batch(self:MCTS, root:Node, P_root:np.ndarray, want:int) -> dict:
+def _run_batch(self:MCTS, root:Node, P_root:np.ndarray, want:int, forced:Sequence[int]|None=None) -> dict:
     pending, keys = [], set()
     sims = terminals = collisions = tokens = 0
-    for _ in range(want):
+    for i in range(want):
         node, P, path = root, P_root, []
         while True:
-            a = self._pick(node, P)
+            a = int(forced[i]) if forced is not None and node is root else self._pick(node, P)
             path.append((node, a))
             child = node.children[a]
             if child is None or child.terminal: break
@@ -343,13 +346,13 @@ def _run_batch(self:MCTS, root:Node, P_root:np.ndarray, want:int) -> dict:
 @patch
 def search(self:MCTS,
            root_state, # env state to decide at; the tree is reused when it is the state `advance` returned
-           add_noise:bool=False, # Dirichlet noise at the root (self-play)
+           add_noise:bool=False, # root noise (self-play): Dirichlet under PUCT, Gumbel under cfg.root='gumbel'
            n_sims:int|None=None, # new simulations; None = cfg.n_sims
            token_budget:int|None=None, # SLM tokens this search may spend; None = cfg.token_budget; 0 = unlimited
            early_stop:bool|None=None, # stop once the decision is settled; None = cfg.early_stop and not add_noise
            root_prior:Callable|None=None, # (network priors [A], legal mask [A]) -> the prior the root is searched with (before noise); None = the network's
           ) -> SearchResult:
-    "Run PUCT simulations from `root_state` and return the decision."
+    "Run simulations from `root_state` (PUCT, or a Gumbel root with `cfg.root='gumbel'`) and return the decision."
     cfg = self.cfg
     n_sims = cfg.n_sims if n_sims is None else int(n_sims)
     if n_sims < 1: raise ValueError(f"n_sims must be >= 1, got {n_sims}.")
@@ -361,6 +364,7 @@ def search(self:MCTS,
     if root.P is None: self._evaluate([root])
     P_root = root.P if root_prior is None else _checked_prior(root_prior(root.P.copy(), root.mask.copy()), root.mask)
     used = None if root_prior is None else P_root.copy()
+    if cfg.root == 'gumbel': return self._search_gumbel(root, root_state, P_root, used, add_noise, n_sims, token_budget, early_stop)
     if add_noise:
         noise = np.zeros(self.n_actions)
         noise[root.mask] = self.rng.dirichlet([cfg.dirichlet_alpha]*int(root.mask.sum()))
@@ -385,18 +389,20 @@ def _settled(self:MCTS, root:Node, remaining:int) -> bool:
     return len(n) == 1 or n[0] - n[1] > remaining
 
 @patch
-def _result(self:MCTS, root:Node, done:int, tokens:int, reason:str, reused:int, root_prior:np.ndarray|None=None) -> SearchResult:
+def _result(self:MCTS, root:Node, done:int, tokens:int, reason:str, reused:int, root_prior:np.ndarray|None=None,
+            action:int|None=None, policy:np.ndarray|None=None, considered:list|None=None) -> SearchResult:
     N, W, A = root.N.copy(), root.W, self.n_actions
     q = np.where(N > 0, W/np.maximum(N, 1), np.nan)
     rank_n = np.where(root.mask, N, -1)
-    action = int(np.lexsort((np.arange(A), -root.P, -np.nan_to_num(q, nan=-2.0), -rank_n))[0])
+    if action is None: action = int(np.lexsort((np.arange(A), -root.P, -np.nan_to_num(q, nan=-2.0), -rank_n))[0])
     total = N.sum()
-    return SearchResult(action=action, policy=(N/total if total else root.P.copy()).astype(np.float32),
+    if policy is None: policy = N/total if total else root.P.copy()
+    return SearchResult(action=action, policy=np.asarray(policy).astype(np.float32),
                         root_value=float(W.sum()/total) if total else root.v, visits=N.astype(np.int64),
                         q=q.astype(np.float32), priors=root.P.astype(np.float32), n_sims_done=done,
                         tokens_spent=tokens, stopped_early=reason == 'decided', stop_reason=reason,
                         reused_visits=reused, legal=root.mask.copy(),
-                        root_prior=None if root_prior is None else root_prior.astype(np.float32))
+                        root_prior=None if root_prior is None else root_prior.astype(np.float32), considered=considered)
 
 # %% ../nbs/05_mcts.ipynb #ed088be4
 def _checked_prior(p, mask:np.ndarray) -> np.ndarray:
@@ -444,7 +450,110 @@ def visit_policy(visits:np.ndarray, temperature:float) -> np.ndarray:
 # %% ../nbs/05_mcts.ipynb #cf377244
 def select_action(result:SearchResult, move:int, cfg:MCTSConfig, rng:np.random.Generator) -> int:
     "Self-play move: sampled from visits at `cfg.temperature` for the first `cfg.temperature_moves` moves, else `result.action`."
+    if cfg.root == 'gumbel': return result.action  # the Gumbel noise already sampled it; the halving schedule's visits are no policy
     if move < cfg.temperature_moves and cfg.temperature > 0:
         p = visit_policy(result.visits, cfg.temperature)
         return int(rng.choice(len(p), p=p))
     return result.action
+
+# %% ../nbs/05_mcts.ipynb #81fdb68d
+def halving_schedule(m:int, # actions considered at the root
+                     n_sims:int, # simulations available
+                    ) -> list[tuple[int, int]]:
+    "Sequential Halving's phases as (actions remaining, simulations each): an equal share of what is left per phase, halving (rounding up) after each."
+    if m < 1 or n_sims < 0: raise ValueError(f"halving_schedule needs m >= 1 and n_sims >= 0, got m={m}, n_sims={n_sims}.")
+    phases = math.ceil(math.log2(m)) if m > 1 else 0
+    out, r, left = [], m, n_sims
+    for k in range(phases):
+        v = min(max(1, left//(phases - k)//r), left//r)  # this phase's share, at least one each if the budget allows
+        if v == 0: break
+        out.append((r, v)); left -= r*v; r = (r + 1)//2
+    return out
+
+# %% ../nbs/05_mcts.ipynb #a7a01c70
+def completed_q(N:np.ndarray, # root visits per action
+                W:np.ndarray, # root value sums per action
+                P:np.ndarray, # root prior
+                mask:np.ndarray, # legal actions
+                value:float, # the network's value of the root
+               ) -> np.ndarray:
+    "Root Q per action: the mean value where visited, the mixed value v_mix (Danihelka et al. 2022) where not, NaN where illegal."
+    N, W, P, mask = np.asarray(N, np.float64), np.asarray(W, np.float64), np.asarray(P, np.float64), np.asarray(mask, bool)
+    seen = N > 0
+    q = np.where(seen, W/np.maximum(N, 1), 0.0)
+    tot, pv = N.sum(), P[seen].sum()
+    if tot == 0: mix = float(value)
+    elif pv > 0: mix = (value + tot*(P[seen]*q[seen]).sum()/pv)/(1 + tot)
+    else: mix = (value + W.sum())/(1 + tot)  # visited actions without prior mass: the plain mean
+    return np.where(mask, np.where(seen, q, mix), np.nan)
+
+# %% ../nbs/05_mcts.ipynb #6071af11
+def gumbel_sigma(q:np.ndarray, # root Q per action (values in [-1, 1])
+                 N:np.ndarray, # root visits per action
+                 cfg:MCTSConfig, # gumbel_c_visit, gumbel_c_scale
+                ) -> np.ndarray:
+    "The transform sigma(q) = (c_visit + max_b N(b)) * c_scale * q."
+    return (cfg.gumbel_c_visit + float(np.max(N)))*cfg.gumbel_c_scale*np.asarray(q, np.float64)
+
+# %% ../nbs/05_mcts.ipynb #5f1a0f1f
+def improved_policy(P:np.ndarray, # root prior the search used
+                    N:np.ndarray, W:np.ndarray, # root visits and value sums per action
+                    mask:np.ndarray, # legal actions
+                    value:float, # the network's value of the root
+                    cfg:MCTSConfig, # gumbel_c_visit, gumbel_c_scale
+                   ) -> np.ndarray:
+    "The Gumbel policy target softmax(logits + sigma(completed Q)) over the legal actions; 0 on illegal ones."
+    mask = np.asarray(mask, bool)
+    x = np.log(np.maximum(np.asarray(P, np.float64), 1e-30)) + gumbel_sigma(completed_q(N, W, P, mask, value), N, cfg)
+    x = np.where(mask, x, -np.inf)
+    e = np.exp(x - x[mask].max())
+    return e/e.sum()
+
+# %% ../nbs/05_mcts.ipynb #67b4c184
+@patch
+def _gumbel_top(self:MCTS, logits:np.ndarray, mask:np.ndarray, m:int, add_noise:bool) -> tuple[list, np.ndarray]:
+    "The top-`m` legal actions by g + logits, best first, and the noise g: Gumbel(0, 1) from `self.rng` with `add_noise`, else 0."
+    g = self.rng.gumbel(size=len(mask)) if add_noise else np.zeros(len(mask))
+    order = np.lexsort((np.arange(len(mask)), -np.where(mask, g + logits, -np.inf)))
+    return [int(a) for a in order[:min(m, int(mask.sum()))]], g
+
+# %% ../nbs/05_mcts.ipynb #373a779f
+@patch
+def _run_forced(self:MCTS, root:Node, P_root:np.ndarray, seq:list, token_budget:int, done:int, tokens:int) -> tuple[int, int, bool]:
+    "One simulation down each root action of `seq`, in leaf batches; returns (sims done, tokens spent, token budget used up)."
+    while seq:
+        info = self._run_batch(root, P_root, min(self.cfg.leaf_batch, len(seq)), forced=seq[:self.cfg.leaf_batch])
+        seq = seq[info['sims']:]  # a collision leaves the rest for the next batch
+        done += info['sims']; tokens += info['tokens']
+        self._cb('on_leaf_batch', dict(info, sims_done=done, tokens_spent=tokens))
+        if token_budget and tokens >= token_budget: return done, tokens, True
+    return done, tokens, False
+
+# %% ../nbs/05_mcts.ipynb #5cbb4bc8
+@patch
+def _search_gumbel(self:MCTS, root:Node, root_state, P_root:np.ndarray, used:np.ndarray|None,
+                   add_noise:bool, n_sims:int, token_budget:int, early_stop:bool) -> SearchResult:
+    "The Gumbel root: the top-m actions by g + logits, Sequential Halving over them, the survivor decides."
+    cfg = self.cfg
+    logits = np.where(root.mask, np.log(np.maximum(P_root, 1e-30)), -np.inf)
+    cands, g = self._gumbel_top(logits, root.mask, min(cfg.gumbel_m, n_sims), add_noise)
+    considered, reused = list(cands), int(root.N.sum())
+    score = lambda: g + logits + gumbel_sigma(completed_q(root.N, root.W, P_root, root.mask, root.v), root.N, cfg)
+    self._cb('on_search_begin', root_state)
+    done = tokens = 0; reason = 'sims'
+    for r, v in halving_schedule(len(cands), n_sims):
+        done, tokens, out = self._run_forced(root, P_root, cands*v, token_budget, done, tokens)
+        if out: reason = 'tokens'; break
+        s = score()
+        cands = sorted(cands, key=lambda a: -s[a])[:(r + 1)//2]  # the better half; ties keep the sampled order
+    s = score()
+    action = max(cands, key=lambda a: s[a])
+    if reason == 'sims' and done < n_sims:
+        if early_stop: reason = 'decided'
+        else:
+            done, tokens, out = self._run_forced(root, P_root, [action]*(n_sims - done), token_budget, done, tokens)
+            if out: reason = 'tokens'
+    policy = improved_policy(P_root, root.N, root.W, root.mask, root.v, cfg)
+    res = self._result(root, done, tokens, reason, reused, used, action=action, policy=policy, considered=considered)
+    self._cb('on_search_end', res)
+    return res
