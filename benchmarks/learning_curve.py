@@ -10,7 +10,8 @@ Each cycle (resumable after a kill: every stage writes its output under --out an
   4. value quality on eval-split positions: at every decision of greedy's answers to the research suite (computed once,
      `<out>/probe.npz`), the rank correlation of the predicted value with the item's realised task score, and the AUC of
      the network's STOP probability for "stopping here beats continuing" (the prefix's task score against the final one).
-After the last cycle (`--search-last`), the final network also runs as an MCTS search controller on the suite.
+After the last cycle (`--search-last`, `--value-guided-last K`), the final network also runs as an MCTS search controller
+and as value-guided decoding (`controllers.ValueGuided`) on the suite.
 The curve (`curve.png`: task score against self-play positions, with greedy, best-of-N, self-consistency, the stop
 rule and the shipped think gate as lines from their stored research results) and `report.md` are rewritten after
 every cycle.
@@ -143,6 +144,9 @@ def plot(state:dict, baselines:dict, out:Path) -> None:
         if any('search' in c for c in cyc):
             s = [c for c in cyc if 'search' in c]
             ax.plot([c['positions_total'] for c in s], [c['search']['task'].get(t, math.nan) for c in s], 's', color='C4', label='learned + MCTS')
+        if any('value_guided' in c for c in cyc):
+            s = [c for c in cyc if 'value_guided' in c]
+            ax.plot([c['positions_total'] for c in s], [c['value_guided']['task'].get(t, math.nan) for c in s], 'D', color='C5', label='value-guided')
         for k, (lab, b) in enumerate(baselines.items()):
             ax.axhline(b['task'].get(t, math.nan), ls='--', lw=1, color=f'C{k}', label=lab)
         ax.set_title({'all': 'mean task score'}.get(t, t)); ax.set_xlabel('self-play positions')
@@ -176,6 +180,12 @@ def report(state:dict, baselines:dict, out:Path) -> None:
         L += ['', f"MCTS search controller with the cycle-{last[-1]['cycle']} network: task {s['task']['all']:.3f}, Δ vs greedy "
                   f"{d['diff']:+.3f} [{d['ci_lo']:+.3f}, {d['ci_hi']:+.3f}], p {d['p_wilcoxon']:.3g} / {d['p_perm']:.3g}; "
                   f"mean tokens {s['tokens']:.1f}; actions {s.get('actions', {})}."]
+    vgs = [c for c in state['cycles'] if 'value_guided' in c]
+    if vgs:
+        s = vgs[-1]['value_guided']; d = s['vs_greedy']
+        L += ['', f"Value-guided decoding (k = {s['k']}) with the cycle-{vgs[-1]['cycle']} network: task {s['task']['all']:.3f} "
+                  f"(SQuAD {s['task'].get('squad', math.nan):.3f}, WikiText {s['task'].get('wikitext', math.nan):.3f}), Δ vs greedy "
+                  f"{d['diff']:+.3f} [{d['ci_lo']:+.3f}, {d['ci_hi']:+.3f}], p {d['p_wilcoxon']:.3g} / {d['p_perm']:.3g}; mean tokens {s['tokens']:.1f}."]
     L += ['', '![learning curve](curve.png)', '']
     (out/'report.md').write_text('\n'.join(L))
 
@@ -189,6 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument('--steps', type=int, default=400, help='optimiser steps per cycle (a fresh network on all positions)')
     ap.add_argument('--budget', type=int, default=64, help='tokens per research-suite item')
     ap.add_argument('--search-last', action='store_true', help='after the last cycle, also evaluate the network as an MCTS search controller')
+    ap.add_argument('--value-guided-last', type=int, default=0, metavar='K', help='after the last cycle, also evaluate controllers.ValueGuided (K sampled chunks per block) with the network')
     ap.add_argument('--suite', default='research', choices=['research', 'default'], help="'default' (32 items) is a smoke test only")
     ap.add_argument('--seed', type=int, default=100)
     ap.add_argument('--set', dest='sets', action='append', default=[], metavar='KEY=VALUE')
@@ -198,7 +209,7 @@ def main(argv=None) -> int:
     from research_controller.evaluate import get_suite, evaluate_controllers, compare, SuiteResult, default_engine
     from research_controller.selfplay import run_selfplay
     from research_controller.train import train, open_buffer
-    from research_controller.controllers import load_controller, MCTSController
+    from research_controller.controllers import load_controller, MCTSController, ValueGuided
     from research_controller.network import load_checkpoint
     from research_controller.macro_actions import ACTION_NAMES
     try:
@@ -281,6 +292,16 @@ def main(argv=None) -> int:
         for r in res.records:
             for k_, v_ in (r.actions or {}).items(): acts[k_] = acts.get(k_, 0) + v_
         last['search'] = dict(task=task_means(res), vs_greedy=vs(res), tokens=float(np.mean([r.tokens for r in res.records])), actions=acts)
+        last['cpu_hours'] = sum(sum(x['seconds'].values()) for x in state['cycles'])/3600
+        atomic_json(sp, state); plot(state, baselines, out/'curve.png'); report(state, baselines, out)
+    if a.value_guided_last and 'value_guided' not in last and ckpt is not None:
+        t = time.perf_counter()
+        net, info = load_checkpoint(ckpt, action_names=ACTION_NAMES)
+        ctl = ValueGuided(net, cfg, k=a.value_guided_last, name=f"value_guided{a.value_guided_last}-c{last['cycle']}", slm_fingerprint=info['slm_fingerprint'])
+        res = evaluate_controllers(cfg, [ctl], suite=suite)[0]
+        res.save(out/f"cycle-{last['cycle']:02d}"/'value_guided_result.json')
+        last['seconds']['value_guided_eval'] = time.perf_counter() - t
+        last['value_guided'] = dict(k=a.value_guided_last, task=task_means(res), vs_greedy=vs(res), tokens=float(np.mean([r.tokens for r in res.records])))
         last['cpu_hours'] = sum(sum(x['seconds'].values()) for x in state['cycles'])/3600
         atomic_json(sp, state); plot(state, baselines, out/'curve.png'); report(state, baselines, out)
     print(f"-> {out/'report.md'}, {out/'curve.png'}")

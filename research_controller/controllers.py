@@ -26,7 +26,7 @@ from .registry import ControllerRegistry, RegistryError, version_name
 __all__ = ['GATE_KIND', 'GATE_INPUTS', 'PROMPT_END_CHARS', 'LEARNED', 'BASELINES', 'Controller', 'GreedyBaseline',
            'SamplingBaseline', 'GreedyStopRule', 'ThinkThenAnswer', 'GateError', 'load_think_gate', 'gate_inputs',
            'ThinkGate', 'BestOfN', 'short_answer', 'SelfConsistency', 'ThresholdController', 'make_controller',
-           'PolicyController', 'EnvState', 'finished_key', 'SearchEnv', 'ValueEnv', 'MCTSController',
+           'PolicyController', 'EnvState', 'finished_key', 'SearchEnv', 'ValueEnv', 'MCTSController', 'ValueGuided',
            'checkpoint_version', 'load_controller', 'baseline_names', 'registry_if_exists', 'controller_key',
            'resolve_controller', 'generate_text']
 
@@ -602,6 +602,72 @@ def generate(self:MCTSController, engine, prompt:str, max_new_tokens:int, seed:i
                     path_tokens=int(res.tokens), path_budget=path_budget)
     if priors: res.meta['case_prior'] = dict(weight=w, decisions=len(priors), informative=sum(bool(c.any()) for c in priors))
     return dataclasses.replace(res, tokens=int(search_tokens + extra))
+
+# %% ../nbs/10_controllers.ipynb #dddbac08
+class ValueGuided(Controller):
+    "Blockwise value-guided decoding: sample k chunks (or stop), keep the one the value head prefers, repeat; every sampled token counts."
+    def __init__(self, net:PolicyValueNet, cfg:Config|None=None, k:int=4, # candidates per block
+                 name:str|None=None, version:str|None=None, slm_fingerprint:str|None=None):
+        if k < 1: raise ValueError(f"ValueGuided needs k >= 1 candidates per block, got {k}.")
+        self.policy = PolicyController(net, cfg, name or 'value_guided', version, slm_fingerprint)
+        self.cfg, self.k, self.name, self.version = self.policy.cfg, int(k), self.policy.name, version
+    def check(self, engine:Engine) -> None: self.policy.check(engine)
+    def __repr__(self): return f"ValueGuided(k={self.k}, version={self.version!r})"
+
+# %% ../nbs/10_controllers.ipynb #ecba757f
+@patch
+def _block(self:ValueGuided, engine:Engine, cur:list, extra:list, seeds:list, budget:int, step:int) -> tuple:
+    "The candidates of one block for every live row: (row of each candidate, candidate parent states, actions)."
+    c, rows, parents, acts = self.cfg.macro.chunk_tokens, [], [], []
+    for i, s in enumerate(cur):
+        if engine.is_done(s): continue
+        left = budget - engine.tokens_spent(s) - extra[i]
+        m = engine.legal_mask(s)
+        if left < c or not m[Action.CONTINUE]:  # no full chunk left: stop here
+            rows.append(i); parents.append(s); acts.append(Action.STOP); continue
+        for j in range(max(1, min(self.k, left // c))):
+            rows.append(i); parents.append(engine.fork(s, seed=int(np.random.SeedSequence([seeds[i], step, j]).generate_state(1)[0]))); acts.append(Action.CONTINUE)
+        if m[Action.STOP] and engine.visible_ids(s.tip): rows.append(i); parents.append(s); acts.append(Action.STOP)
+    return rows, parents, acts
+
+# %% ../nbs/10_controllers.ipynb #775d3b3c
+@patch
+def generate_batch(self:ValueGuided, engine:Engine, prompts:Sequence[str], max_new_tokens:Optional[int]=None,
+                   seeds:Sequence[int]|int=0, include_thoughts:bool=False, items:Optional[Sequence[dict]]=None) -> list[GenerationResult]:
+    "Value-guided answers to `prompts` under a total budget of `max_new_tokens` each (every candidate's tokens count)."
+    self.check(engine)
+    t0, budget, b = time.perf_counter(), _budget(engine, max_new_tokens), self.cfg.baselines
+    seeds = [seeds] * len(prompts) if isinstance(seeds, (int, np.integer)) else list(seeds)
+    if len(seeds) != len(prompts): raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
+    cur = engine.new_states(list(prompts), budget, seed=seeds, temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
+    extra, blocks, step = [0]*len(cur), [[] for _ in cur], 0
+    while any(not engine.is_done(s) for s in cur):
+        rows, parents, acts = self._block(engine, cur, extra, seeds, budget, step)
+        kids = engine.expand(parents, acts)
+        _, vals = self.policy.evaluator(engine.features_batch(kids), np.ones((len(kids), N_ACTIONS), bool))
+        for i in dict.fromkeys(rows):
+            ix = [n for n, r in enumerate(rows) if r == i]
+            best = max(ix, key=lambda n: vals[n])
+            base = engine.tokens_spent(cur[i])
+            extra[i] += sum(engine.tokens_spent(kids[n]) - base for n in ix if n != best)
+            blocks[i].append(dict(candidates=len(ix), values=[round(float(vals[n]), 4) for n in ix], chosen=ix.index(best),
+                                  action=ACTION_NAMES[int(acts[best])]))
+            cur[i] = kids[best]
+        step += 1
+    out = []
+    for s, e, bl in zip(cur, extra, blocks):
+        r = engine.result(s, include_thoughts)
+        r.tokens = int(engine.tokens_spent(s) + e)
+        r.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
+        r.meta.update(controller=self.name, version=self.version, blocks=bl, discarded_tokens=int(e), k=self.k, batch=len(cur))
+        out.append(r)
+    return out
+
+@patch
+def generate(self:ValueGuided, engine:Engine, prompt:str, max_new_tokens:Optional[int]=None, seed:int=0,
+             include_thoughts:bool=False, item:Optional[dict]=None) -> GenerationResult:
+    "One value-guided answer (`generate_batch` of one prompt)."
+    return self.generate_batch(engine, [prompt], max_new_tokens, [seed], include_thoughts)[0]
 
 # %% ../nbs/10_controllers.ipynb #f45aeb5a
 def checkpoint_version(checkpoint:str|Path|None) -> str:
