@@ -27,8 +27,8 @@ __all__ = ['GATE_KIND', 'GATE_INPUTS', 'PROMPT_END_CHARS', 'LEARNED', 'BASELINES
            'SamplingBaseline', 'GreedyStopRule', 'ThinkThenAnswer', 'GateError', 'load_think_gate', 'gate_inputs',
            'ThinkGate', 'BestOfN', 'short_answer', 'SelfConsistency', 'ThresholdController', 'make_controller',
            'PolicyController', 'EnvState', 'finished_key', 'SearchEnv', 'ValueEnv', 'MCTSController', 'ValueGuided',
-           'checkpoint_version', 'load_controller', 'baseline_names', 'registry_if_exists', 'controller_key',
-           'resolve_controller', 'generate_text']
+           'checkpoint_version', 'load_controller', 'shipped_network', 'learned_policy', 'value_guided',
+           'baseline_names', 'registry_if_exists', 'controller_key', 'resolve_controller', 'generate_text']
 
 # %% ../nbs/10_controllers.ipynb #452c9141
 def _budget(engine:Engine, max_new_tokens) -> int:
@@ -685,6 +685,27 @@ def load_controller(checkpoint_path:str|Path, cfg:Config|None=None, name:str|Non
     net, info = load_checkpoint(checkpoint_path, action_names=ACTION_NAMES)
     version = info['extra'].get('version') or checkpoint_version(checkpoint_path)
     return PolicyController(net, cfg, name=name or 'policy', version=version, slm_fingerprint=info['slm_fingerprint'])
+
+# %% ../nbs/10_controllers.ipynb #58320bd2
+def shipped_network(cfg:Config) -> tuple:
+    "(network, checkpoint info) of the file `baselines.policy_path` names."
+    path = asset_path(cfg.baselines.policy_path)
+    if not path.exists():
+        raise CheckpointError(f"baselines.policy_path: there is no network at {str(path)!r}. Fix: run benchmarks/learning_curve.py and copy "
+                              "its final network there, or point baselines.policy_path at a checkpoint (network.save_checkpoint format).")
+    return load_checkpoint(path, action_names=ACTION_NAMES)
+
+def learned_policy(cfg:Config|None=None, strict:bool=True) -> PolicyController:
+    "The shipped network's policy (`baselines.policy_path`) as a controller named learned_policy."
+    cfg = cfg or load_config(); net, info = shipped_network(cfg)
+    return PolicyController(net, cfg, 'learned_policy', info['extra'].get('version'), info['slm_fingerprint'])
+
+def value_guided(cfg:Config|None=None, strict:bool=True) -> ValueGuided:
+    "Value-guided decoding with the shipped network's value head (`baselines.policy_path`, `baselines.value_guided_k`)."
+    cfg = cfg or load_config(); net, info = shipped_network(cfg)
+    return ValueGuided(net, cfg, cfg.baselines.value_guided_k, 'value_guided', info['extra'].get('version'), info['slm_fingerprint'])
+
+LEARNED.update(learned_policy=learned_policy, value_guided=value_guided)
 
 # %% ../nbs/10_controllers.ipynb #3854d0a0
 def baseline_names() -> list:
