@@ -140,13 +140,13 @@ def plot(state:dict, baselines:dict, out:Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4*len(tasks), 3.4))
     for ax, t in zip(axes, tasks):
         x = [c['positions_total'] for c in cyc]
-        ax.plot(x, [c['policy']['task'].get(t, math.nan) for c in cyc], 'o-', color='C3', label='learned policy')
+        ax.plot(x, [c['policy']['task'].get(t, math.nan) for c in cyc], 'o-', color='black', label='learned policy')
         if any('search' in c for c in cyc):
             s = [c for c in cyc if 'search' in c]
-            ax.plot([c['positions_total'] for c in s], [c['search']['task'].get(t, math.nan) for c in s], 's', color='C4', label='learned + MCTS')
+            ax.plot([c['positions_total'] for c in s], [c['search']['task'].get(t, math.nan) for c in s], 's', color='black', mfc='none', label='learned + MCTS')
         if any('value_guided' in c for c in cyc):
             s = [c for c in cyc if 'value_guided' in c]
-            ax.plot([c['positions_total'] for c in s], [c['value_guided']['task'].get(t, math.nan) for c in s], 'D', color='C5', label='value-guided')
+            ax.plot([c['positions_total'] for c in s], [c['value_guided']['task'].get(t, math.nan) for c in s], 'D', color='black', mfc='none', label='value-guided')
         for k, (lab, b) in enumerate(baselines.items()):
             ax.axhline(b['task'].get(t, math.nan), ls='--', lw=1, color=f'C{k}', label=lab)
         ax.set_title({'all': 'mean task score'}.get(t, t)); ax.set_xlabel('self-play positions')
@@ -252,7 +252,8 @@ def main(argv=None) -> int:
             metas = {s_: b.episode_meta(s_) for s_ in b.episode_serials()}
         ids = [m['episode_id'] for m in metas.values()]
         train_ids, held_ids = [i for i in ids if not held_out(i)], [i for i in ids if held_out(i)]
-        rec.update(episodes_total=len(ids), positions_total=int(sum(len(m['actions']) for m in metas.values())))
+        if 'positions_total' not in rec:  # the buffer as this cycle trained on it (a resumed run's buffer may hold later cycles too)
+            rec.update(episodes_total=len(ids), positions_total=int(sum(len(m['actions']) for m in metas.values())))
         ck = cdir/'train'/'final.pt'
         if not ck.exists():  # 2. train a fresh network on every position but the held-out episodes
             t = time.perf_counter()
