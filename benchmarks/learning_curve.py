@@ -22,6 +22,8 @@ Usage:  python benchmarks/learning_curve.py --out runs/learning_curve --cycles 6
 from __future__ import annotations
 import argparse, hashlib, json, math, os, sys, time
 from pathlib import Path
+from typing import Callable
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts: gate_quality.auc
 
 BASELINES = {  # label -> stored research result at 64 tokens (the suite hash is checked)
     'greedy': 'benchmarks/results/research_smollm2/budgets/greedy__{b}tok.json',
@@ -89,17 +91,12 @@ def value_quality(ckpt:Path, probe:dict) -> dict:
     from research_controller.network import load_checkpoint, make_evaluator
     from research_controller.macro_actions import ACTION_NAMES, N_ACTIONS
     from research_controller.evaluate import spearman
-    from scipy.stats import rankdata
+    from gate_quality import auc  # the same AUC (ties count one half) as the think gate's quality report
     net, _ = load_checkpoint(ckpt, action_names=ACTION_NAMES)
     ev = make_evaluator(net)
     X = probe['X']; masks = np.ones((len(X), N_ACTIONS), bool)
     P, V = ev(X, masks)
     stop = ACTION_NAMES.index('STOP')
-    def auc(score, label):
-        pos, neg = score[label == 1], score[label == 0]
-        if len(pos) == 0 or len(neg) == 0: return math.nan
-        r = rankdata(np.concatenate([pos, neg]))  # ties get average ranks
-        return float((r[:len(pos)].sum() - len(pos)*(len(pos) + 1)/2)/(len(pos)*len(neg)))
     out = {}
     for t in ['all'] + sorted(set(probe['task'].tolist())):
         sel = np.ones(len(X), bool) if t == 'all' else probe['task'] == t
@@ -108,7 +105,7 @@ def value_quality(ckpt:Path, probe:dict) -> dict:
         lab = np.where(diff > 0, 1, np.where(diff < 0, 0, -1))
         keep = lab >= 0
         out[t] = dict(n=int(sel.sum()), rho=float(np.asarray(rho).reshape(-1)[0]),
-                      stop_auc=auc(P[sel][:, stop][keep], lab[keep]), stop_pairs=int(keep.sum()),
+                      stop_auc=auc(P[sel][:, stop][keep], lab[keep] == 1), stop_pairs=int(keep.sum()),
                       mean_value=float(V[sel].mean()), mean_p_stop=float(P[sel][:, stop].mean()))
     return out
 
@@ -237,6 +234,12 @@ def main(argv=None) -> int:
     def vs(res):
         s = compare(greedy, res, cfg.evaluate, metrics=['task'])['task']
         return dict(diff=s.diff, ci_lo=s.ci_lo, ci_hi=s.ci_hi, p_wilcoxon=s.p_wilcoxon, p_perm=s.p_perm, mde=s.mde, n=s.n)
+    def outcome(res) -> dict:
+        "A controller's suite result in the state: task means, the pairing with greedy, mean tokens, macro-actions played."
+        acts = {}
+        for r in res.records:
+            for k_, v_ in (r.actions or {}).items(): acts[k_] = acts.get(k_, 0) + v_
+        return dict(task=task_means(res), vs_greedy=vs(res), tokens=float(np.mean([r.tokens for r in res.records])), actions=acts)
     ckpt = None
     for c in range(1, a.cycles + 1):
         cdir = out/f'cycle-{c:02d}'; cdir.mkdir(exist_ok=True)
@@ -267,11 +270,7 @@ def main(argv=None) -> int:
             res = evaluate_controllers(cfg, [ctl], suite=suite)[0]
             res.save(cdir/'policy_result.json')
             rec['seconds']['evaluate'] = time.perf_counter() - t
-            acts = {}
-            for r in res.records:
-                for k_, v_ in (r.actions or {}).items(): acts[k_] = acts.get(k_, 0) + v_
-            rec['policy'] = dict(task=task_means(res), vs_greedy=vs(res), tokens=float(np.mean([r.tokens for r in res.records])),
-                                 actions=acts, empty=int(sum(not r.text.strip() for r in res.records)))
+            rec['policy'] = dict(outcome(res), empty=int(sum(not r.text.strip() for r in res.records)))
         if 'value_quality' not in rec: rec['value_quality'] = value_quality(ck, probe)
         rec['cpu_hours'] = sum(sum(x['seconds'].values()) for x in state['cycles'] if x['cycle'] <= c)/3600
         atomic_json(sp, state)
@@ -282,29 +281,23 @@ def main(argv=None) -> int:
               f"value ρ {rec['value_quality']['all']['rho']:+.2f}, STOP AUC {rec['value_quality']['all']['stop_auc']:.2f}, "
               f"held-out value MSE {rec['losses'].get('held_out', {}).get('value_mse', math.nan):.4f}", flush=True)
     last = state['cycles'][-1]
-    if a.search_last and 'search' not in last and ckpt is not None:
+    def final_eval(key:str, make:Callable, fname:str, **extra) -> None:
+        "The last cycle's network as another controller (`make(net, slm_fingerprint)`) on the suite, once; its outcome goes to `last[key]`."
+        if key in last or ckpt is None: return
         t = time.perf_counter()
         net, info = load_checkpoint(ckpt, action_names=ACTION_NAMES)
-        ctl = MCTSController(net, cfg, name=f"mcts-c{last['cycle']}", slm_fingerprint=info['slm_fingerprint'])
-        res = evaluate_controllers(cfg, [ctl], suite=suite)[0]
-        res.save(out/f"cycle-{last['cycle']:02d}"/'search_result.json')
-        last['seconds']['search_eval'] = time.perf_counter() - t
-        acts = {}
-        for r in res.records:
-            for k_, v_ in (r.actions or {}).items(): acts[k_] = acts.get(k_, 0) + v_
-        last['search'] = dict(task=task_means(res), vs_greedy=vs(res), tokens=float(np.mean([r.tokens for r in res.records])), actions=acts)
+        res = evaluate_controllers(cfg, [make(net, info['slm_fingerprint'])], suite=suite)[0]
+        res.save(out/f"cycle-{last['cycle']:02d}"/fname)
+        last['seconds'][f'{key}_eval'] = time.perf_counter() - t
+        last[key] = dict(extra, **outcome(res))
         last['cpu_hours'] = sum(sum(x['seconds'].values()) for x in state['cycles'])/3600
         atomic_json(sp, state); plot(state, baselines, out/'curve.png'); report(state, baselines, out)
-    if a.value_guided_last and 'value_guided' not in last and ckpt is not None:
-        t = time.perf_counter()
-        net, info = load_checkpoint(ckpt, action_names=ACTION_NAMES)
-        ctl = ValueGuided(net, cfg, k=a.value_guided_last, name=f"value_guided{a.value_guided_last}-c{last['cycle']}", slm_fingerprint=info['slm_fingerprint'])
-        res = evaluate_controllers(cfg, [ctl], suite=suite)[0]
-        res.save(out/f"cycle-{last['cycle']:02d}"/'value_guided_result.json')
-        last['seconds']['value_guided_eval'] = time.perf_counter() - t
-        last['value_guided'] = dict(k=a.value_guided_last, task=task_means(res), vs_greedy=vs(res), tokens=float(np.mean([r.tokens for r in res.records])))
-        last['cpu_hours'] = sum(sum(x['seconds'].values()) for x in state['cycles'])/3600
-        atomic_json(sp, state); plot(state, baselines, out/'curve.png'); report(state, baselines, out)
+    if a.search_last:
+        final_eval('search', lambda net, fp: MCTSController(net, cfg, name=f"mcts-c{last['cycle']}", slm_fingerprint=fp), 'search_result.json')
+    if a.value_guided_last:
+        k = a.value_guided_last
+        final_eval('value_guided', lambda net, fp: ValueGuided(net, cfg, k=k, name=f"value_guided{k}-c{last['cycle']}", slm_fingerprint=fp),
+                   'value_guided_result.json', k=k)
     print(f"-> {out/'report.md'}, {out/'curve.png'}")
     return 0
 

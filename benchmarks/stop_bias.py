@@ -51,12 +51,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     from research_controller.config import load_config, ConfigError
     from research_controller.selfplay import run_selfplay
-    try: cfg = load_config(overrides=a.sets + [f'selfplay.batch_episodes={a.batch}'])
+    try: cfgs = {lv: load_config(overrides=a.sets + [f'selfplay.batch_episodes={a.batch}', f'selfplay.leaf_value={lv}']) for lv in ('network', 'rollout')}
     except ConfigError as e: print(f"error: {e}", file=sys.stderr); return 2
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for lv in ('network', 'rollout'):
-            c = load_config(overrides=a.sets + [f'selfplay.batch_episodes={a.batch}', f'selfplay.leaf_value={lv}'])
+        for lv, c in cfgs.items():
             path = Path(tmp)/lv
             s = run_selfplay(c, None, episodes=a.episodes, buffer_path=path, seed=a.seed, progress=True)
             out[lv] = summarise(path, s, c.macro.chunk_tokens)

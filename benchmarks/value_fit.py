@@ -12,14 +12,14 @@ Usage:  python benchmarks/value_fit.py --buffer runs/learning_curve/buffer [--pr
             [--out benchmarks/results/value_fit.json] [--set key=value ...]
 """
 from __future__ import annotations
-import argparse, hashlib, itertools, json, math, shutil, sys, tempfile, time
+import argparse, itertools, json, math, shutil, sys, tempfile, time
 from pathlib import Path
 
 GRID = dict(steps=[25, 100, 400], weight_decay=[1e-4, 1e-1], dropout=[0.0, 0.3], value_weight=[1.0, 0.25], hidden=[64, 256])
 
 
-def held_out(eid:str) -> bool:
-    return int(hashlib.sha256(eid.encode()).hexdigest()[:8], 16) % 10 == 0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learning_curve import held_out  # the long run's held-out rule, so both scripts hold out the same episodes
 
 
 def main(argv=None) -> int:
