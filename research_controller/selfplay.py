@@ -141,7 +141,7 @@ def leaf_values(self:SelfPlayEnv, states:Sequence[EnvState]) -> np.ndarray|None:
         acts = []
         for i in live:
             m = self.legal_mask(cur[i])
-            closing = self.engine.signals(cur[i].gs)['in_thought'] and m[Action.THINK_END]
+            closing = cur[i].gs.ms.in_thought and m[Action.THINK_END]
             acts.append(int(Action.THINK_END) if closing else int(Action.CONTINUE) if m[Action.CONTINUE] else int(Action.STOP))
         kids = self.expand([cur[i] for i in live], acts)
         for i, k in zip(live, kids): self.rollout_tokens += self.tokens_spent(k) - self.tokens_spent(cur[i]); cur[i] = k
