@@ -94,6 +94,7 @@ class EngineConfig:
     "The incremental decode engine."
     batch_size: int = setting(8, "most generation states stepped in one forward pass", unit='states', lo=1, hi=4096)
     compile: bool = setting(False, "torch.compile the decode step (about a minute per shape; never used by tests)")
+    prompt_cache_mb: int = setting(2048, "prompt prefills kept for reuse (K/V, next-token logits, pooled state; a sweep reads each prompt once per controller and budget), least recently used dropped first; 0 = off; the 380-prompt research suite takes about 1.5 GiB with the default SLM", unit='MiB', lo=0, hi=1 << 20)
     seed: int = setting(0, "default random seed for generation", lo=0, hi=2**32 - 1)
 
 # %% ../nbs/00_config.ipynb #fdeaa4ed

@@ -7,7 +7,7 @@ Docs: https://research-controller.github.io/research_controller/engine.html.md""
 # %% ../nbs/04_engine.ipynb #aba325eb
 from __future__ import annotations
 import logging, math, time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, asdict
 from typing import Callable, Optional, Sequence
 import numpy as np
@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'TAG_VISIBLE', 'TAG_THOUGHT', 'TAG_OPEN', 'TAG_CLOSE', 'TAG_EOS', 'ATTENTION_TYPES', 'Segment', 'GenState',
-           'GenerationResult', 'attention_layout', 'thought_delimiters', 'Engine', 'get_engine']
+           'GenerationResult', 'attention_layout', 'thought_delimiters', 'Prefilled', 'PromptCache', 'Engine',
+           'get_engine']
 
 # %% ../nbs/04_engine.ipynb #2c0574b0
 class _BufferLayer(CacheLayerMixin):
@@ -146,6 +147,36 @@ def thought_delimiters(tok, # a tokenizer from `load_slm` / `tiny_slm` (it has t
                                  "answer starts). Fix: give a short phrase, or set macro.thought_style: tokens.")
     return op, cl
 
+# %% ../nbs/04_engine.ipynb #569898a4
+@dataclass(frozen=True)
+class Prefilled:
+    "One prompt's prefill: its K/V, next-token logits, (entropy, varentropy, logit gap) and summed final hidden state."
+    kv: torch.Tensor # [layers, K/V, kv_heads, tokens, head_dim], model dtype
+    logits: torch.Tensor # raw next-token logits after the prompt
+    ls: tuple # (entropy, varentropy, logit_gap) of those logits, suppressed thought tokens excluded
+    hsum: torch.Tensor # sum of the final hidden states over the prompt (float32)
+    @property
+    def nbytes(self) -> int: return sum(t.numel() * t.element_size() for t in (self.kv, self.logits, self.hsum))
+
+# %% ../nbs/04_engine.ipynb #c8fc2cee
+class PromptCache:
+    "Prompt prefills by prompt ids, least recently used dropped first once they pass `max_mb` MiB (0 = keep nothing)."
+    def __init__(self, max_mb:float=0): self.max_bytes, self.items, self.nbytes, self.hits, self.misses = int(max_mb * 2**20), OrderedDict(), 0, 0, 0
+    def __len__(self): return len(self.items)
+    def __repr__(self): return f"PromptCache({len(self)} prompts, {self.nbytes / 2**20:.1f} of {self.max_bytes / 2**20:.0f} MiB, {self.hits} hits, {self.misses} misses)"
+    def get(self, ids:tuple) -> Prefilled|None:
+        "The prefill of `ids`, marked as just used, or None."
+        e = self.items.get(ids)
+        if e is None: self.misses += 1; return None
+        self.items.move_to_end(ids); self.hits += 1
+        return e
+    def put(self, ids:tuple, e:Prefilled) -> None:
+        "Keep `e` under `ids` unless it alone is over the limit, then drop the oldest until the rest fits."
+        if ids in self.items or e.nbytes > self.max_bytes: return
+        self.items[ids] = e; self.nbytes += e.nbytes
+        while self.nbytes > self.max_bytes: self.nbytes -= self.items.popitem(last=False)[1].nbytes
+    def clear(self) -> None: self.items.clear(); self.nbytes = 0
+
 # %% ../nbs/04_engine.ipynb #c515d6a9
 class Engine:
     "Incremental, batched, forkable generation of a frozen SLM steered by macro-actions."
@@ -171,7 +202,8 @@ class Engine:
         self.suppress = torch.tensor([self.open_id, self.close_id], device=self.device)
         self.feature_dim, self.feature_names = feature_dim(self.hidden_size), feature_names(self.hidden_size)
         self.neg = torch.finfo(self.dtype).min
-        self.counters = dict(forwarded=0, padded=0, forward_calls=0, prefix_copied=0, prefill=0, chunks=0)
+        self.counters = dict(forwarded=0, padded=0, forward_calls=0, prefix_copied=0, prefill=0, prefill_cached=0, chunks=0)
+        self.prompt_cache = PromptCache(self.cfg.engine.prompt_cache_mb)  # prompt prefills reused by later `new_states`
         self._fingerprint = self._cfg_hash = None
 
     @property
@@ -222,28 +254,30 @@ def _next_stats(self:Engine, logits:torch.Tensor):
 @torch.inference_mode()
 def new_states(self:Engine, prompts:Sequence[str], max_new_tokens:Optional[int]=None, seed:int|Sequence[int]=0,
                temperature:Optional[float]=None, top_p:Optional[float]=None, top_k:Optional[int]=None) -> list[GenState]:
-    "Prefill `prompts` (batched) and return one fresh `GenState` per prompt."
+    "Prefill `prompts` (batched; each prompt not in the prompt cache forwarded once) and return one fresh `GenState` per prompt."
     budget = self.cfg.macro.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     if budget < 1: raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 (it is the total token budget).")
     seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts): raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    out = []
-    for i in range(0, len(prompts), self.cfg.engine.batch_size):
-        out += self._prefill(prompts[i:i + self.cfg.engine.batch_size], budget, seeds[i:i + self.cfg.engine.batch_size],
-                             temperature, top_p, top_k)
-    return out
+    t0 = time.perf_counter()
+    ids = [tuple(encode_prompt(self.tok, p, self.cfg)) for p in prompts]
+    for x in ids:
+        if len(x) + budget > self.max_positions:
+            raise ValueError(f"prompt of {len(x)} tokens + max_new_tokens={budget} exceeds the model's {self.max_positions} positions. Fix: shorten the prompt or the budget.")
+    got = {x: e for x in dict.fromkeys(ids) if (e := self.prompt_cache.get(x)) is not None}
+    todo, bs = [x for x in dict.fromkeys(ids) if x not in got], self.cfg.engine.batch_size
+    for i in range(0, len(todo), bs):
+        for x, e in zip(todo[i:i + bs], self._prefill(todo[i:i + bs])): got[x] = e; self.prompt_cache.put(x, e)
+    self.counters['prefill_cached'] += sum(len(x) for x in ids) - sum(len(x) for x in todo)
+    return [self._fresh_state(p, x, got[x], budget, sd, temperature, top_p, top_k, t0) for p, x, sd in zip(prompts, ids, seeds)]
 
 # %% ../nbs/04_engine.ipynb #e111775a
 @patch
-def _prefill(self:Engine, prompts, budget, seeds, temperature, top_p, top_k):
-    t0 = time.perf_counter()
-    ids = [encode_prompt(self.tok, p, self.cfg) for p in prompts]
-    for p, x in zip(prompts, ids):
-        if len(x) + budget > self.max_positions:
-            raise ValueError(f"prompt of {len(x)} tokens + max_new_tokens={budget} exceeds the model's {self.max_positions} positions. Fix: shorten the prompt or the budget.")
+def _prefill(self:Engine, ids:list) -> list[Prefilled]:
+    "Forward a group of prompt ids together (left-padded); one `Prefilled` per prompt."
     B, n = len(ids), max(len(x) for x in ids)
     offs = [n - len(x) for x in ids]
-    inp = torch.tensor([[self.pad_id] * o + x for o, x in zip(offs, ids)], device=self.device)
+    inp = torch.tensor([[self.pad_id] * o + list(x) for o, x in zip(offs, ids)], device=self.device)
     pos = (torch.arange(n, device=self.device)[None] - torch.tensor(offs, device=self.device)[:, None]).clamp_min(0)
     buf = torch.zeros(self.n_layers, 2, B, self.n_kv, n, self.head_dim, dtype=self.dtype, device=self.device)
     cache = _BufferCache(buf, 0)
@@ -252,22 +286,22 @@ def _prefill(self:Engine, prompts, budget, seeds, temperature, top_p, top_k):
     logits = self.model.lm_head(h[:, -1])
     _, _, st = self._next_stats(logits)
     self.counters['prefill'] += sum(len(x) for x in ids); self.counters['forward_calls'] += 1
-    states = []
-    for b, (p, x, off) in enumerate(zip(prompts, ids, offs)):
-        ls = tuple(float(st[k][b]) for k in ('entropy', 'varentropy', 'logit_gap'))
-        ms = MacroState(budget=budget, open_cost=len(self.open_seq), close_cost=len(self.close_seq))
-        seg = Segment(None, tuple(x), buf[:, :, b, :, off:].clone(), 'prompt', logits[b].clone(), ls,
-                      RunningStats().push(ls[0]), h[b, off:].float().sum(0), torch.zeros(self.hidden_size), 0, 0.0, 0, ms)
-        s = GenState()
-        s.tip = s.root = seg; s.ms, s.last, s.prompt = ms, None, p
-        s.seed = int(seeds[b]); s.gen = torch.Generator().manual_seed(s.seed)
-        mcfg = self.cfg.macro
-        s.temperature = mcfg.temperature if temperature is None else float(temperature)
-        s.top_p = mcfg.top_p if top_p is None else float(top_p)
-        s.top_k = mcfg.top_k if top_k is None else int(top_k)
-        s.t0, s.t_done = t0, None
-        states.append(s)
-    return states
+    return [Prefilled(buf[:, :, b, :, off:].clone(), logits[b].clone(), tuple(float(st[k][b]) for k in ('entropy', 'varentropy', 'logit_gap')),
+                      h[b, off:].float().sum(0)) for b, off in enumerate(offs)]
+
+@patch
+def _fresh_state(self:Engine, prompt:str, ids:tuple, e:Prefilled, budget:int, seed:int, temperature, top_p, top_k, t0:float) -> GenState:
+    "A new `GenState` on a prefilled prompt: its own macro counters, RNG and sampling settings; the prompt's tensors are shared (read only)."
+    ms = MacroState(budget=budget, open_cost=len(self.open_seq), close_cost=len(self.close_seq))
+    seg = Segment(None, ids, e.kv, 'prompt', e.logits, e.ls, RunningStats().push(e.ls[0]), e.hsum, torch.zeros(self.hidden_size), 0, 0.0, 0, ms)
+    s, mcfg = GenState(), self.cfg.macro
+    s.tip = s.root = seg; s.ms, s.last, s.prompt = ms, None, prompt
+    s.seed = int(seed); s.gen = torch.Generator().manual_seed(s.seed)
+    s.temperature = mcfg.temperature if temperature is None else float(temperature)
+    s.top_p = mcfg.top_p if top_p is None else float(top_p)
+    s.top_k = mcfg.top_k if top_k is None else int(top_k)
+    s.t0, s.t_done = t0, None
+    return s
 
 # %% ../nbs/04_engine.ipynb #c5489519
 @patch
