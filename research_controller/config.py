@@ -104,6 +104,7 @@ class BaselinesConfig:
     sampling_temperature: float = setting(0.7, "temperature of the sampling baseline", lo=0.01, hi=10.0)
     sampling_top_p: float = setting(0.95, "nucleus mass of the sampling baseline", lo=0.01, hi=1.0)
     best_of_n: int = setting(4, "candidates of best-of-N; each gets 1/N of the token budget", unit='candidates', lo=1, hi=256)
+    candidate_cache_mb: int = setting(2048, "finished best-of-N / self-consistency candidate sets kept per engine, least recently used dropped first, so the other of the two reuses the samples it would draw again (same prompts, seeds and sampling settings: the same tokens), counting their tokens as its own; 0 = off", unit='MiB', lo=0, hi=1 << 20)
     default_controller: str = setting('think_gate', "the controller that answers while no registry version is active (rc generate/serve/evaluate 'active', the first cycle's champion): the one that measured best on the research suite (README); a think gate fitted for another SLM answers directly, with a warning", choices=['greedy', 'greedy_stop', 'think_answer', 'think_gate', 'sampling', 'best_of_n', 'self_consistency', 'threshold'])
     think_gate_path: str = setting('assets/think_gate_smollm2.json', "the learned think gate of controller think_gate (relative paths: the project root); made by benchmarks/think_gate.py")
     policy_path: str = setting('assets/policy_smollm2.pt', "the policy/value network of controllers learned_policy and value_guided (relative paths: the project root); the long run's network (benchmarks/learning_curve.py)")

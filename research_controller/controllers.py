@@ -7,7 +7,7 @@ Docs: https://research-controller.github.io/research_controller/controllers.html
 # %% ../nbs/10_controllers.ipynb #c5b7869c
 from __future__ import annotations
 import dataclasses, hashlib, json, math, re, time, warnings, weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 import numpy as np
@@ -300,15 +300,34 @@ def _scores(self:BestOfN, engine:Engine, cands:list, texts:list, item:dict|None)
             for t, c in zip(texts, cands)], spent  # ratings are cached by the call above
 
 # %% ../nbs/10_controllers.ipynb #1337b012
+_CANDIDATES = weakref.WeakKeyDictionary()  # engine -> OrderedDict{key: (candidate states, K/V bytes)}, least recently used first
+
+def _generated_nbytes(cands:list) -> int:
+    "K/V bytes of the candidates' generated segments (the prompt's belong to the engine's prompt cache)."
+    seen, n = set(), 0
+    for cs in cands:
+        for c in cs:
+            seg = c.tip
+            while seg.parent is not None and id(seg) not in seen:
+                seen.add(id(seg)); n += seg.kv.numel() * seg.kv.element_size(); seg = seg.parent
+    return n
+
 @patch
 def _candidates(self:BestOfN, engine:Engine, prompts:Sequence[str], budget:int, seeds:Sequence[int]) -> tuple:
-    "(per-candidate budget, each prompt's candidate seeds and candidate states): all candidates of all prompts stepped together."
+    "(per-candidate budget, each prompt's candidate seeds and candidate states): all candidates of all prompts stepped together, or the same set read back."
     n = min(self.n, budget); per = budget // n; b = self.cfg.baselines
-    roots = engine.new_states(list(prompts), per, seed=list(seeds), temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
     cseeds = [[int(np.random.SeedSequence([sd, i]).generate_state(1)[0]) for i in range(n)] for sd in seeds]
+    key = (tuple(prompts), per, tuple(int(sd) for sd in seeds), n, b.sampling_temperature, b.sampling_top_p)
+    memo = _CANDIDATES.setdefault(engine, OrderedDict()) if b.candidate_cache_mb else None
+    if memo is not None and key in memo:
+        memo.move_to_end(key); return per, cseeds, memo[key][0]
+    roots = engine.new_states(list(prompts), per, seed=list(seeds), temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
     cands = [[engine.fork(r, seed=sd) for sd in ss] for r, ss in zip(roots, cseeds)]
     flat = [c for cs in cands for c in cs]
     while live := [c for c in flat if not engine.is_done(c)]: engine.step_batch(live, [Action.CONTINUE] * len(live))
+    if memo is not None and (nb := _generated_nbytes(cands)) <= b.candidate_cache_mb * 2**20:
+        memo[key] = (cands, nb)
+        while sum(v[1] for v in memo.values()) > b.candidate_cache_mb * 2**20: memo.popitem(last=False)
     return per, cseeds, cands
 
 # %% ../nbs/10_controllers.ipynb #47613883

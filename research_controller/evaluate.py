@@ -957,7 +957,7 @@ def evaluate_budgets(cfg:Config, # `evaluate` (budgets, batch_items, out_dir), `
                      registry=None, # registry for 'vN'/'active' names; None = the configured one
                      resume:bool=True, # reuse the stored results of this sweep; False = run everything again
                     ) -> list:
-    "Run every controller at every budget, writing each result as it is done and reusing stored ones; one `SuiteResult` per (controller, budget)."
+    "Run every controller at every budget (budget by budget), writing each result as it is done and reusing stored ones; one `SuiteResult` per (controller, budget)."
     budgets = list(cfg.evaluate.budgets if budgets is None else budgets)
     if not budgets or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in budgets):
         raise ValueError(f"budgets must be a non-empty list of positive token counts, got {budgets!r}; e.g. evaluate.budgets=[16, 32, 64, 128].")
@@ -967,7 +967,7 @@ def evaluate_budgets(cfg:Config, # `evaluate` (budgets, batch_items, out_dir), `
     ctls, gh = as_controllers(cfg, controllers, registry), generation_hash(cfg)
     jobs = [(c, int(b), budget_result_path(out, _label(c), b)) for c in ctls for b in budgets]
     done = {p: (load_done(p, suite, _label(c), b, controller_generation_hash(gh, c)) if resume else None) for c, b, p in jobs}
-    todo = [(c, b, p) for c, b, p in jobs if done[p] is None]
+    todo = sorted([(c, b, p) for c, b, p in jobs if done[p] is None], key=lambda j: j[1])  # budget by budget, controllers in their order
     if todo:
         engine = engine if engine is not None else default_engine(cfg)
         rewards = rewards if rewards is not None else default_rewards(cfg, engine)
