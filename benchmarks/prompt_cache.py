@@ -17,17 +17,10 @@ Usage:  python benchmarks/prompt_cache.py [--fraction 0.25 | --full] [--batch 32
 Prints items/s both ways and their ratio per budget and in all; writes the numbers as JSON (atomically).
 """
 from __future__ import annotations
-import argparse, math, os, platform, sys, time
+import argparse, os, platform, sys, time
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('HF_DATASETS_OFFLINE', '1'); os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 import torch
-
-
-def subset(suite, fraction:float) -> list:
-    "The first ceil(fraction * n) items of each task, in suite order."
-    by_task = {}
-    for it in suite.items: by_task.setdefault(it['task'], []).append(it)
-    keep = {t: {it['id'] for it in its[:math.ceil(fraction * len(its))]} for t, its in by_task.items()}
-    return [it for it in suite.items if it['id'] in keep[it['task']]]
+from eval_batching import subset  # the same stated subset as the batching benchmark
 
 
 def main(argv=None):

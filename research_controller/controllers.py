@@ -7,14 +7,14 @@ Docs: https://research-controller.github.io/research_controller/controllers.html
 # %% ../nbs/10_controllers.ipynb #c5b7869c
 from __future__ import annotations
 import dataclasses, hashlib, json, math, re, time, warnings, weakref
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 import numpy as np
 from fastcore.basics import patch
 from .config import Config, load_config, run_path
 from .macro_actions import ACTION_NAMES, N_ACTIONS, Action
-from .engine import Engine, GenState, GenerationResult, Segment, get_engine
+from .engine import BytesLRU, Engine, GenState, GenerationResult, Segment, get_engine
 from .features import get_embedder
 from .mcts import MCTS
 from .cases import CaseIndex, CaseStoreError, cases_prior, default_embedder, mix_prior
@@ -300,7 +300,7 @@ def _scores(self:BestOfN, engine:Engine, cands:list, texts:list, item:dict|None)
             for t, c in zip(texts, cands)], spent  # ratings are cached by the call above
 
 # %% ../nbs/10_controllers.ipynb #1337b012
-_CANDIDATES = weakref.WeakKeyDictionary()  # engine -> OrderedDict{key: (candidate states, K/V bytes)}, least recently used first
+_CANDIDATES = weakref.WeakKeyDictionary()  # engine -> BytesLRU of finished candidate sets (sized by their generated K/V)
 
 def _generated_nbytes(cands:list) -> int:
     "K/V bytes of the candidates' generated segments (the prompt's belong to the engine's prompt cache)."
@@ -318,16 +318,15 @@ def _candidates(self:BestOfN, engine:Engine, prompts:Sequence[str], budget:int, 
     n = min(self.n, budget); per = budget // n; b = self.cfg.baselines
     cseeds = [[int(np.random.SeedSequence([sd, i]).generate_state(1)[0]) for i in range(n)] for sd in seeds]
     key = (tuple(prompts), per, tuple(int(sd) for sd in seeds), n, b.sampling_temperature, b.sampling_top_p)
-    memo = _CANDIDATES.setdefault(engine, OrderedDict()) if b.candidate_cache_mb else None
-    if memo is not None and key in memo:
-        memo.move_to_end(key); return per, cseeds, memo[key][0]
+    memo = _CANDIDATES.setdefault(engine, BytesLRU()) if b.candidate_cache_mb else None
+    if memo is not None:
+        memo.max_bytes = b.candidate_cache_mb * 2**20  # this controller's limit
+        if (cands := memo.get(key)) is not None: return per, cseeds, cands
     roots = engine.new_states(list(prompts), per, seed=list(seeds), temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
     cands = [[engine.fork(r, seed=sd) for sd in ss] for r, ss in zip(roots, cseeds)]
     flat = [c for cs in cands for c in cs]
     while live := [c for c in flat if not engine.is_done(c)]: engine.step_batch(live, [Action.CONTINUE] * len(live))
-    if memo is not None and (nb := _generated_nbytes(cands)) <= b.candidate_cache_mb * 2**20:
-        memo[key] = (cands, nb)
-        while sum(v[1] for v in memo.values()) > b.candidate_cache_mb * 2**20: memo.popitem(last=False)
+    if memo is not None: memo.put(key, cands, _generated_nbytes(cands))
     return per, cseeds, cands
 
 # %% ../nbs/10_controllers.ipynb #47613883

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'TAG_VISIBLE', 'TAG_THOUGHT', 'TAG_OPEN', 'TAG_CLOSE', 'TAG_EOS', 'ATTENTION_TYPES', 'Segment', 'GenState',
-           'GenerationResult', 'attention_layout', 'thought_delimiters', 'Prefilled', 'PromptCache', 'Engine',
-           'get_engine']
+           'GenerationResult', 'attention_layout', 'thought_delimiters', 'Prefilled', 'BytesLRU', 'PromptCache',
+           'Engine', 'get_engine']
 
 # %% ../nbs/04_engine.ipynb #2c0574b0
 class _BufferLayer(CacheLayerMixin):
@@ -159,23 +159,29 @@ class Prefilled:
     def nbytes(self) -> int: return sum(t.numel() * t.element_size() for t in (self.kv, self.logits, self.hsum))
 
 # %% ../nbs/04_engine.ipynb #c8fc2cee
-class PromptCache:
-    "Prompt prefills by prompt ids, least recently used dropped first once they pass `max_mb` MiB (0 = keep nothing)."
+class BytesLRU:
+    "Values by key, least recently used dropped first once their sizes pass `max_mb` MiB (0 = keep nothing)."
     def __init__(self, max_mb:float=0): self.max_bytes, self.items, self.nbytes, self.hits, self.misses = int(max_mb * 2**20), OrderedDict(), 0, 0, 0
     def __len__(self): return len(self.items)
-    def __repr__(self): return f"PromptCache({len(self)} prompts, {self.nbytes / 2**20:.1f} of {self.max_bytes / 2**20:.0f} MiB, {self.hits} hits, {self.misses} misses)"
-    def get(self, ids:tuple) -> Prefilled|None:
-        "The prefill of `ids`, marked as just used, or None."
-        e = self.items.get(ids)
+    def get(self, key):
+        "The value under `key`, marked as just used, or None."
+        e = self.items.get(key)
         if e is None: self.misses += 1; return None
-        self.items.move_to_end(ids); self.hits += 1
-        return e
-    def put(self, ids:tuple, e:Prefilled) -> None:
-        "Keep `e` under `ids` unless it alone is over the limit, then drop the oldest until the rest fits."
-        if ids in self.items or e.nbytes > self.max_bytes: return
-        self.items[ids] = e; self.nbytes += e.nbytes
-        while self.nbytes > self.max_bytes: self.nbytes -= self.items.popitem(last=False)[1].nbytes
+        self.items.move_to_end(key); self.hits += 1
+        return e[0]
+    def put(self, key, value, nbytes:int) -> None:
+        "Keep `value` (`nbytes` in size) under `key` unless it alone is over the limit, then drop the oldest until the rest fits."
+        if key in self.items or nbytes > self.max_bytes: return
+        self.items[key] = (value, nbytes); self.nbytes += nbytes
+        while self.nbytes > self.max_bytes: self.nbytes -= self.items.popitem(last=False)[1][1]
     def clear(self) -> None: self.items.clear(); self.nbytes = 0
+
+class PromptCache(BytesLRU):
+    "Prompt prefills by prompt ids, least recently used dropped first once they pass `max_mb` MiB (0 = keep nothing)."
+    def __repr__(self): return f"PromptCache({len(self)} prompts, {self.nbytes / 2**20:.1f} of {self.max_bytes / 2**20:.0f} MiB, {self.hits} hits, {self.misses} misses)"
+    def put(self, ids:tuple, e:Prefilled) -> None:
+        "Keep `e` under `ids` (its own size) unless it alone is over the limit, then drop the oldest until the rest fits."
+        super().put(ids, e, e.nbytes)
 
 # %% ../nbs/04_engine.ipynb #c515d6a9
 class Engine:
