@@ -55,7 +55,9 @@ def test_sigkill_mid_write_loses_only_the_uncommitted_episode(tmp_path):
     time.sleep(0.005)  # inside add_episode, which takes about 25 ms for these 1 MB episodes
     os.kill(p.pid, signal.SIGKILL); p.wait(timeout=60)
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr.read())
-    w = max(int(l.split()[1]) for l in ['WRITING 12', *p.stdout.read().splitlines()] if l.startswith('WRITING'))  # in flight when killed
+    # a line the kill cut short ('WRITING', 'WRITING 1' of 13) is not counted: that print had not returned, so add_episode had not begun
+    done = [l for l in p.stdout.read().splitlines(keepends=True) if l.endswith('\n')]
+    w = max(int(l.split()[1]) for l in ['WRITING 12', *done] if l.startswith('WRITING'))  # in flight when killed
     with ReplayBuffer(buf, 256, 3, capacity=5*T, dtype='float32') as b:
         serials = b.episode_serials()
         # killed before episode w started (w-5 .. w-1), while it overwrote episode w-5 (w-4 .. w-1), or after its commit (w-4 .. w)
