@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses, hashlib, json, math, re, time, warnings, weakref
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 from fastcore.basics import patch
 from .config import Config, load_config, run_path
@@ -75,28 +75,58 @@ def generate(self:Controller, engine:Engine, prompt:str, max_new_tokens:Optional
     return self.finish(r, notes)
 
 # %% ../nbs/10_controllers.ipynb #ede1591e
+def _seed_list(seeds, prompts:Sequence[str]) -> list:
+    "One seed per prompt (an int is one for all); a clear error when the counts differ."
+    seeds = [seeds] * len(prompts) if isinstance(seeds, (int, np.integer)) else list(seeds)
+    if len(seeds) != len(prompts): raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
+    return seeds
+
+def _live_cap(live, n:int) -> int:
+    "Episodes in flight: `live`, or all `n` prompts for None."
+    if live is None: return max(n, 1)
+    if isinstance(live, bool) or not isinstance(live, (int, np.integer)) or live < 1:
+        raise ValueError(f"live={live!r}: give a positive number of episodes in flight, or None for all prompts at once.")
+    return int(live)
+
+@patch
+def generate_stream(self:Controller, engine:Engine, prompts:Sequence[str], max_new_tokens:Optional[int]=None,
+                    seeds:Sequence[int]|int=0, # one seed per prompt (or one for all)
+                    include_thoughts:bool=False, items:Optional[Sequence[dict]]=None,
+                    live:Optional[int]=None, # most episodes in flight (a finished one's row goes to the next prompt); None = all at once
+                   ) -> Iterator[tuple[int, GenerationResult]]:
+    "(prompt index, result) of each episode as soon as it ends; at most `live` episodes decoded together in one batched engine step."
+    self.check(engine)
+    seeds, cap, kw = _seed_list(seeds, prompts), _live_cap(live, len(prompts)), self.sampling()
+    budget, ss, notes, t0, act, nxt = _budget(engine, max_new_tokens), {}, {}, {}, [], 0
+    while True:
+        done = [i for i in act if engine.is_done(ss[i])]
+        act = [i for i in act if i not in done]
+        for i in done:
+            r = engine.result(ss.pop(i), include_thoughts, notes[i])
+            r.latency_ms = round((time.perf_counter() - t0.pop(i)) * 1000, 3)
+            r.meta.update(controller=self.name, batch=min(cap, len(prompts)))
+            yield i, self.finish(r, notes.pop(i))
+        if nxt < len(prompts) and len(act) < cap:  # refill the free rows with the next prompts
+            new = list(range(nxt, min(len(prompts), nxt + cap - len(act))))
+            t = time.perf_counter()
+            for i, s in zip(new, engine.new_states([prompts[i] for i in new], budget, seed=[seeds[i] for i in new], **kw)):
+                ss[i], notes[i], t0[i] = s, {}, t
+            act, nxt = act + new, new[-1] + 1
+        if not act: return
+        decided = [self.decide(engine, ss[i]) for i in act]
+        engine.step_batch([ss[i] for i in act], [a for a, _ in decided])
+        for i, (_, note) in zip(act, decided):
+            if note: notes[i][ss[i].last.step] = note
+
 @patch
 def generate_batch(self:Controller, engine:Engine, prompts:Sequence[str], max_new_tokens:Optional[int]=None,
                    seeds:Sequence[int]|int=0, # one seed per prompt (or one for all)
-                   include_thoughts:bool=False, items:Optional[Sequence[dict]]=None) -> list[GenerationResult]:
-    "`generate` for many prompts at once: the decisions of all live episodes are decoded in one batched engine step."
-    self.check(engine)
-    t0 = time.perf_counter()
-    seeds = [seeds] * len(prompts) if isinstance(seeds, (int, np.integer)) else list(seeds)
-    if len(seeds) != len(prompts): raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
-    ss = engine.new_states(list(prompts), _budget(engine, max_new_tokens), seed=seeds, **self.sampling())
-    notes = [{} for _ in ss]
-    while live := [i for i, s in enumerate(ss) if not engine.is_done(s)]:
-        decided = [self.decide(engine, ss[i]) for i in live]
-        engine.step_batch([ss[i] for i in live], [a for a, _ in decided])
-        for i, (_, note) in zip(live, decided):
-            if note: notes[i][ss[i].last.step] = note
-    out = []
-    for s, n in zip(ss, notes):
-        r = engine.result(s, include_thoughts, n)
-        r.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
-        r.meta.update(controller=self.name, batch=len(ss))
-        out.append(self.finish(r, n))
+                   include_thoughts:bool=False, items:Optional[Sequence[dict]]=None,
+                   live:Optional[int]=None, # most episodes in flight; None = all prompts at once
+                  ) -> list[GenerationResult]:
+    "`generate` for many prompts at once (`generate_stream` collected in prompt order)."
+    out = [None] * len(prompts)
+    for i, r in self.generate_stream(engine, prompts, max_new_tokens, seeds, include_thoughts, items, live): out[i] = r
     return out
 
 # %% ../nbs/10_controllers.ipynb #1ca3d4e7
@@ -300,34 +330,26 @@ def _scores(self:BestOfN, engine:Engine, cands:list, texts:list, item:dict|None)
             for t, c in zip(texts, cands)], spent  # ratings are cached by the call above
 
 # %% ../nbs/10_controllers.ipynb #1337b012
-_CANDIDATES = weakref.WeakKeyDictionary()  # engine -> BytesLRU of finished candidate sets (sized by their generated K/V)
+_CANDIDATES = weakref.WeakKeyDictionary()  # engine -> BytesLRU of finished candidate sets, one per prompt (sized by their generated K/V)
 
 def _generated_nbytes(cands:list) -> int:
     "K/V bytes of the candidates' generated segments (the prompt's belong to the engine's prompt cache)."
     seen, n = set(), 0
-    for cs in cands:
-        for c in cs:
-            seg = c.tip
-            while seg.parent is not None and id(seg) not in seen:
-                seen.add(id(seg)); n += seg.kv.numel() * seg.kv.element_size(); seg = seg.parent
+    for c in cands:
+        seg = c.tip
+        while seg.parent is not None and id(seg) not in seen:
+            seen.add(id(seg)); n += seg.kv.numel() * seg.kv.element_size(); seg = seg.parent
     return n
 
 @patch
-def _candidates(self:BestOfN, engine:Engine, prompts:Sequence[str], budget:int, seeds:Sequence[int]) -> tuple:
-    "(per-candidate budget, each prompt's candidate seeds and candidate states): all candidates of all prompts stepped together, or the same set read back."
+def _candidate_plan(self:BestOfN, engine:Engine, prompts:Sequence[str], budget:int, seeds:Sequence[int]) -> tuple:
+    "(per-candidate budget, each prompt's candidate seeds, each prompt's memo key, the engine's candidate memo or None)."
     n = min(self.n, budget); per = budget // n; b = self.cfg.baselines
     cseeds = [[int(np.random.SeedSequence([sd, i]).generate_state(1)[0]) for i in range(n)] for sd in seeds]
-    key = (tuple(prompts), per, tuple(int(sd) for sd in seeds), n, b.sampling_temperature, b.sampling_top_p)
+    keys = [(p, per, int(sd), n, b.sampling_temperature, b.sampling_top_p) for p, sd in zip(prompts, seeds)]
     memo = _CANDIDATES.setdefault(engine, BytesLRU()) if b.candidate_cache_mb else None
-    if memo is not None:
-        memo.max_bytes = b.candidate_cache_mb * 2**20  # this controller's limit
-        if (cands := memo.get(key)) is not None: return per, cseeds, cands
-    roots = engine.new_states(list(prompts), per, seed=list(seeds), temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
-    cands = [[engine.fork(r, seed=sd) for sd in ss] for r, ss in zip(roots, cseeds)]
-    flat = [c for cs in cands for c in cs]
-    while live := [c for c in flat if not engine.is_done(c)]: engine.step_batch(live, [Action.CONTINUE] * len(live))
-    if memo is not None: memo.put(key, cands, _generated_nbytes(cands))
-    return per, cseeds, cands
+    if memo is not None: memo.max_bytes = b.candidate_cache_mb * 2**20  # this controller's limit
+    return per, cseeds, keys, memo
 
 # %% ../nbs/10_controllers.ipynb #47613883
 @patch
@@ -349,18 +371,39 @@ def _pick(self:BestOfN, engine:Engine, cands:list, seeds:list, per:int, budget:i
 
 # %% ../nbs/10_controllers.ipynb #dc4b7c91
 @patch
-def generate_batch(self:BestOfN, engine:Engine, prompts:Sequence[str], max_new_tokens:Optional[int]=None,
-                   seeds:Sequence[int]|int=0, include_thoughts:bool=False, items:Optional[Sequence[dict]]=None) -> list[GenerationResult]:
-    "N candidates per prompt with `max_new_tokens // N` tokens each, all stepped together; the best of each prompt."
-    t0 = time.perf_counter()
-    budget = _budget(engine, max_new_tokens)
-    seeds = [seeds] * len(prompts) if isinstance(seeds, (int, np.integer)) else list(seeds)
-    if len(seeds) != len(prompts): raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
-    items = list(items) if items is not None else [None] * len(prompts)
-    per, cseeds, cands = self._candidates(engine, prompts, budget, seeds)
-    out = [self._pick(engine, cs, ss, per, budget, it, include_thoughts) for cs, ss, it in zip(cands, cseeds, items)]
-    for r in out: r.latency_ms = round((time.perf_counter() - t0) * 1000, 3); r.meta['batch'] = len(prompts)
-    return out
+def generate_stream(self:BestOfN, engine:Engine, prompts:Sequence[str], max_new_tokens:Optional[int]=None,
+                    seeds:Sequence[int]|int=0, include_thoughts:bool=False, items:Optional[Sequence[dict]]=None,
+                    live:Optional[int]=None, # most prompts in flight, N candidates each; None = all at once
+                   ) -> Iterator[tuple[int, GenerationResult]]:
+    "N candidates per prompt with `max_new_tokens // N` tokens each, stepped together; (index, best of the prompt) as each prompt's set is done."
+    budget, seeds = _budget(engine, max_new_tokens), _seed_list(seeds, prompts)
+    cap, items = _live_cap(live, len(prompts)), list(items) if items is not None else [None] * len(prompts)
+    per, cseeds, keys, memo = self._candidate_plan(engine, prompts, budget, seeds)
+    b, cands, t0, act, nxt = self.cfg.baselines, {}, {}, [], 0
+    def pick(i, cs):
+        r = self._pick(engine, cs, cseeds[i], per, budget, items[i], include_thoughts)
+        r.latency_ms = round((time.perf_counter() - t0.pop(i)) * 1000, 3); r.meta['batch'] = min(cap, len(prompts))
+        return i, r
+    while True:
+        done = [i for i in act if all(engine.is_done(c) for c in cands[i])]
+        act = [i for i in act if i not in done]
+        for i in done:
+            cs = cands.pop(i)
+            if memo is not None: memo.put(keys[i], cs, _generated_nbytes(cs))
+            yield pick(i, cs)
+        new = []
+        while nxt < len(prompts) and len(act) + len(new) < cap:  # refill; a set drawn before is read back and takes no row
+            i, nxt = nxt, nxt + 1; t0[i] = time.perf_counter()
+            if memo is not None and (cs := memo.get(keys[i])) is not None: yield pick(i, cs)
+            else: new.append(i)
+        if new:
+            roots = engine.new_states([prompts[i] for i in new], per, seed=[seeds[i] for i in new],
+                                      temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
+            for i, r in zip(new, roots): cands[i] = [engine.fork(r, seed=sd) for sd in cseeds[i]]
+            act += new
+        if not act: return
+        rows = [c for i in act for c in cands[i] if not engine.is_done(c)]
+        engine.step_batch(rows, [Action.CONTINUE] * len(rows))
 
 @patch
 def generate(self:BestOfN, engine:Engine, prompt:str, max_new_tokens:Optional[int]=None, seed:int=0,
@@ -655,8 +698,7 @@ def generate_batch(self:ValueGuided, engine:Engine, prompts:Sequence[str], max_n
     "Value-guided answers to `prompts` under a total budget of `max_new_tokens` each (every candidate's tokens count)."
     self.check(engine)
     t0, budget, b = time.perf_counter(), _budget(engine, max_new_tokens), self.cfg.baselines
-    seeds = [seeds] * len(prompts) if isinstance(seeds, (int, np.integer)) else list(seeds)
-    if len(seeds) != len(prompts): raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
+    seeds = _seed_list(seeds, prompts)
     cur = engine.new_states(list(prompts), budget, seed=seeds, temperature=b.sampling_temperature, top_p=b.sampling_top_p, top_k=0)
     extra, blocks, step = [0]*len(cur), [[] for _ in cur], 0
     while any(not engine.is_done(s) for s in cur):

@@ -25,15 +25,15 @@ from .controllers import resolve_controller
 __all__ = ['TASKS', 'ITEM_KEYS', 'EVAL_FILES', 'SUITE_SPECS', 'MDE_POWER', 'METRIC_ORDER', 'JUDGE_TERM', 'BASELINE_ORDER',
            'GENERATION_SECTIONS', 'sha256_json', 'SuiteError', 'check_item', 'Suite', 'load_suite', 'suite_sources',
            'suite_spec', 'draw_items', 'build_default_suite', 'build_suite', 'get_suite', 'item_seed', 'ItemRecord',
-           'SuiteResult', 'generate_item', 'generate_batch_items', 'batchable', 'batch_order', 'generate_items',
-           'score_item', 'run_item', 'run_suite', 'bootstrap_means', 'bootstrap_ci', 'mde', 'PairedStat', 'wilcoxon_p',
-           'sign_test_p', 'permutation_p', 'paired_test', 'adjust_pvalues', 'Comparison', 'check_pair', 'compare',
-           'table_metrics', 'spearman', 'judge_agreement', 'agreement_table', 'compare_table', 'plot_metric_bars',
-           'plot_reward_terms', 'plot_tokens_vs_score', 'save_plots', 'write_comparison', 'default_engine',
-           'default_rewards', 'metrics_fn_for', 'as_controllers', 'evaluate_controllers', 'default_controller_names',
-           'CompareRun', 'run_compare', 'generation_hash', 'controller_generation_hash', 'budget_result_path',
-           'load_done', 'evaluate_budgets', 'plot_budget_curves', 'budget_summary', 'write_budget_report',
-           'run_budgets']
+           'SuiteResult', 'generate_item', 'generate_batch_items', 'streamable', 'batchable', 'batch_order',
+           'stream_items', 'generate_items', 'score_item', 'run_item', 'run_suite', 'bootstrap_means', 'bootstrap_ci',
+           'mde', 'PairedStat', 'wilcoxon_p', 'sign_test_p', 'permutation_p', 'paired_test', 'adjust_pvalues',
+           'Comparison', 'check_pair', 'compare', 'table_metrics', 'spearman', 'judge_agreement', 'agreement_table',
+           'compare_table', 'plot_metric_bars', 'plot_reward_terms', 'plot_tokens_vs_score', 'save_plots',
+           'write_comparison', 'default_engine', 'default_rewards', 'metrics_fn_for', 'as_controllers',
+           'evaluate_controllers', 'default_controller_names', 'CompareRun', 'run_compare', 'generation_hash',
+           'controller_generation_hash', 'budget_result_path', 'load_done', 'evaluate_budgets', 'plot_budget_curves',
+           'budget_summary', 'write_budget_report', 'run_budgets']
 
 # %% ../nbs/13_evaluate.ipynb #15e7c3f0
 def sha256_json(obj) -> str:
@@ -373,36 +373,74 @@ def generate_batch_items(controller, # has `.generate_batch(engine, prompts, max
 def _owner(cls, attr:str):
     return next((k for k in cls.__mro__ if attr in vars(k)), None)
 
+def _below(cls, a:str, b:str) -> bool:
+    "Whether method `a` is defined on the class that defines `b`, or below it (a missing one counts as yes)."
+    oa, ob = _owner(cls, a), _owner(cls, b)
+    return oa is None or ob is None or issubclass(oa, ob)
+
+def streamable(controller) -> bool:
+    "Whether `controller.generate_stream` exists and is defined no higher in its class hierarchy than its `generate` and `generate_batch`."
+    t = type(controller)
+    return callable(getattr(controller, 'generate_stream', None)) and _below(t, 'generate_stream', 'generate') and _below(t, 'generate_stream', 'generate_batch')
+
 def batchable(controller) -> bool:
-    "Whether `controller.generate_batch` exists and is defined no higher in its class hierarchy than its `generate`."
+    "Whether `controller.generate_batch` exists and is defined no higher in its class hierarchy than its `generate` (or the controller is `streamable`)."
     if not callable(getattr(controller, 'generate_batch', None)): return False
-    gb, g = _owner(type(controller), 'generate_batch'), _owner(type(controller), 'generate')
-    return gb is None or g is None or issubclass(gb, g)
+    return streamable(controller) or _below(type(controller), 'generate_batch', 'generate')
 
 # %% ../nbs/13_evaluate.ipynb #eded5ed9
 def batch_order(items:list) -> list:
     "Indices of `items` by prompt length (characters), ties in their order: batches of similar length pad little."
     return sorted(range(len(items)), key=lambda i: len(items[i]['prompt']))
 
+# %% ../nbs/13_evaluate.ipynb #e1ed22a0
+def stream_items(controller, # has `.generate_stream(engine, prompts, max_new_tokens, seeds, include_thoughts=False, items=None, live=None)`
+                 items:list, engine, token_budget:int,
+                 seeds:list, # one generation seed per item
+                 live:int=8, # items in flight at once
+                 on_gen:Callable|None=None, # called with (index, generation) as each is done
+                ) -> list:
+    "Generate `items` through `controller.generate_stream`, `live` at a time; if the stream raises, the items it had not finished alone (`generate_item`)."
+    fn = controller.generate_stream
+    kw = {'items': list(items)} if _accepts(fn, 'items') else {}
+    out, t0 = [None] * len(items), time.perf_counter()
+    try:
+        for i, r in fn(engine, [it['prompt'] for it in items], max_new_tokens=token_budget, seeds=list(seeds), include_thoughts=False, live=live, **kw):
+            out[i] = _gen_out(r, math.nan)
+            if on_gen is not None: on_gen(i, out[i])
+    except Exception: pass  # redone below, one by one: the failing item gets its own error
+    done = [g for g in out if g is not None]
+    for g in done: g['latency_ms'] = (time.perf_counter() - t0) * 1000 / len(done)
+    for i, g in enumerate(out):
+        if g is None:
+            out[i] = generate_item(controller, items[i], engine, token_budget, seeds[i])
+            if on_gen is not None: on_gen(i, out[i])
+    return out
+
 # %% ../nbs/13_evaluate.ipynb #62dc2789
 def generate_items(controller, items:list, engine, token_budget:int,
                    seeds:list, # one generation seed per item
-                   batch_items:int=8, # items per `generate_batch` call; 1 = one `generate` per item
+                   batch_items:int=8, # items in flight (streamed) or per `generate_batch` call; 1 = one `generate` per item
                    on_item:Callable|None=None, # called with each generation as it is done
                    progress:bool=False, desc:str='generate') -> list:
-    "Generations of every item (in their order): batches of `batch_items` of similar length through `generate_batch` where the controller is `batchable`, else one by one."
+    "Generations of every item (in their order): `batch_items` of similar length at a time, streamed or in batches where the controller allows it, else one by one."
     if isinstance(batch_items, bool) or not isinstance(batch_items, (int, np.integer)) or batch_items < 1:
         raise ValueError(f"batch_items must be a positive integer, got {batch_items!r}; set evaluate.batch_items.")
     step = int(batch_items) if batch_items > 1 and batchable(controller) else 1
     order, out = (batch_order(items) if step > 1 else list(range(len(items)))), [None] * len(items)
     with tqdm(total=len(items), desc=desc, unit='item', disable=not progress, leave=False) as bar:
+        def got(j, g):
+            out[j] = g; bar.update(1)
+            if on_item is not None: on_item(g)
+        if step > 1 and streamable(controller):
+            stream_items(controller, [items[j] for j in order], engine, token_budget, [seeds[j] for j in order], step,
+                         lambda k, g: got(order[k], g))
+            return out
         for i in range(0, len(items), step):
             idx = order[i:i + step]
             its, sds = [items[j] for j in idx], [seeds[j] for j in idx]
             gens = generate_batch_items(controller, its, engine, token_budget, sds) if step > 1 else [generate_item(controller, its[0], engine, token_budget, sds[0])]
-            for j, g in zip(idx, gens):
-                out[j] = g; bar.update(1)
-                if on_item is not None: on_item(g)
+            for j, g in zip(idx, gens): got(j, g)
     return out
 
 # %% ../nbs/13_evaluate.ipynb #8debb00b

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'SMOLLM2_PIP', 'GEMMA_PIP', 'ANSWER_CUE', 'SLMSource', 'slm_cache_dir', 'resolve_source', 'gguf_cache_path',
            'convert_gguf', 'resolve_device', 'resolve_dtype', 'resolve_threads', 'add_thought_tokens', 'newline_ids',
-           'base_model_stops', 'int8_dynamic', 'load_slm', 'encode_prompt', 'quick_generate', 'model_fingerprint',
-           'tiny_slm', 'precision_agreement']
+           'base_model_stops', 'int8_dynamic', 'grouped_eager_attention', 'load_slm', 'encode_prompt', 'quick_generate',
+           'model_fingerprint', 'tiny_slm', 'precision_agreement']
 
 # %% ../nbs/01_slm.ipynb #29271dd2
 @dataclass(frozen=True)
@@ -203,6 +203,29 @@ def int8_dynamic(model):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # torch.ao.quantization announces its move to torchao; the pinned torch has it
         return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+
+# %% ../nbs/01_slm.ipynb #5712c90d
+def grouped_eager_attention(module, # the attention layer (unused: the shapes carry the grouping)
+                            query:torch.Tensor, key:torch.Tensor, value:torch.Tensor, # [B, H, q, D], [B, H_kv, T, D], [B, H_kv, T, D]
+                            attention_mask:torch.Tensor|None, # additive [B, 1, q, >= T], or None
+                            scaling:float, dropout:float=0.0, softcap:float|None=None, **kwargs) -> tuple:
+    "Eager attention with each key/value head read once by its whole group of query heads (no `repeat_kv` copy): (output [B, q, H, D], weights)."
+    B, H, q, D = query.shape; kvh, T = key.shape[1], key.shape[2]
+    w = torch.matmul(query.reshape(B, kvh, (H // kvh) * q, D), key.transpose(2, 3)).view(B, H, q, T) * scaling
+    if softcap is not None: w = torch.tanh(w / softcap) * softcap
+    if attention_mask is not None: w = w + attention_mask[..., :T]
+    w = torch.nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(w.view(B, kvh, (H // kvh) * q, T), value).view(B, H, q, D)
+    return out.transpose(1, 2).contiguous(), w
+
+def _register_attention():
+    "Make `eager_gqa` a name the model loader and the mask builder accept."
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register('eager_gqa', grouped_eager_attention)
+    AttentionMaskInterface.register('eager_gqa', eager_mask)
+
+_register_attention()
 
 # %% ../nbs/01_slm.ipynb #d5ac8049
 @functools.lru_cache(maxsize=4)
