@@ -333,12 +333,13 @@ def _scores(self:BestOfN, engine:Engine, cands:list, texts:list, item:dict|None)
 _CANDIDATES = weakref.WeakKeyDictionary()  # engine -> BytesLRU of finished candidate sets, one per prompt (sized by their generated K/V)
 
 def _generated_nbytes(cands:list) -> int:
-    "K/V bytes of the candidates' generated segments (the prompt's belong to the engine's prompt cache)."
+    "Tensor bytes (K/V, next-token logits, pooled states) of the candidates' generated segments (the prompt's belong to the engine's prompt cache)."
     seen, n = set(), 0
     for c in cands:
         seg = c.tip
         while seg.parent is not None and id(seg) not in seen:
-            seen.add(id(seg)); n += seg.kv.numel() * seg.kv.element_size(); seg = seg.parent
+            seen.add(id(seg)); seg_ts = (seg.kv, seg.logits, seg.hsum, seg.hsum_vis)
+            n += sum(t.numel() * t.element_size() for t in seg_ts if hasattr(t, 'numel')); seg = seg.parent
     return n
 
 @patch
