@@ -300,9 +300,10 @@ def _weight_bytes(t) -> bytes:
     return t.view(torch.uint8).numpy().tobytes() if t.dtype.is_floating_point or t.dtype == torch.uint8 else t.numpy().tobytes()
 
 def model_fingerprint(model) -> str:
-    "16-hex-digit sha256 of the model's config and weights (cached on the model)."
+    "16-hex-digit sha256 of the model's config and weights (cached on the model); where the model was loaded from does not count."
     if getattr(model, '_rc_fingerprint', None): return model._rc_fingerprint
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    mc = {k: v for k, v in model.config.to_dict().items() if k != '_name_or_path'}  # the load path: another cache dir, the same model
+    h = hashlib.sha256(json.dumps(mc, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode()); h.update(_weight_bytes(t))
     model._rc_fingerprint = h.hexdigest()[:16]
