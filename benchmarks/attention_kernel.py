@@ -15,10 +15,10 @@ Usage:  python benchmarks/attention_kernel.py [--fraction 0.25 | --full] [--budg
 Prints seconds both ways and their ratio per budget and in all; writes the numbers as JSON (atomically).
 """
 from __future__ import annotations
-import argparse, os, platform, sys, time
+import argparse, os, sys, time
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('HF_DATASETS_OFFLINE', '1'); os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 import torch
-from eval_batching import subset  # the same stated subset as the batching benchmark
+from eval_batching import fill_prompt_cache, load_note, ordered_items, run_facts  # the same stated subset as the batching benchmark
 
 
 def main(argv=None):
@@ -36,22 +36,20 @@ def main(argv=None):
     except ValueError: sys.exit(f"--budgets {a.budgets!r}: give token counts separated by commas, e.g. 64,128")
     if a.reps < 1: sys.exit(f"--reps {a.reps}: give at least 1")
     torch.set_num_threads(a.threads)
-    from research_controller.config import atomic_write_json, config_hash, load_config
+    from research_controller.config import atomic_write_json, load_config
     from research_controller.controllers import make_controller
     from research_controller.engine import get_engine
-    from research_controller.evaluate import batch_order, build_suite, item_seed, stream_items
+    from research_controller.evaluate import build_suite, stream_items
 
     cfg = load_config(overrides=[*a.overrides, f'engine.batch_size={a.batch}', f'slm.threads={a.threads}'])
     suite = build_suite(cfg, 'research')
-    items = suite.items if a.full else subset(suite, a.fraction)
-    items = [items[i] for i in batch_order(items)]
-    seeds = [item_seed(suite.seed, it['id']) for it in items]
+    items, seeds = ordered_items(suite, a.fraction, a.full)
     eng, ctl = get_engine(cfg), make_controller('greedy', cfg)
     kernels = ['eager', 'eager_gqa']
     print(f"greedy on suite {suite.name} [{suite.hash[:12]}]: {len(items)} of {len(suite)} items, budgets {budgets}, {a.batch} in flight, "
           f"{a.threads} threads, {eng.dtype}, {eng.n_kv} key/value heads")
     load0 = os.getloadavg()
-    for i in range(0, len(items), a.batch): eng.new_states([it['prompt'] for it in items[i:i + a.batch]], 1)  # fill the prompt cache
+    fill_prompt_cache(eng, items, a.batch)
     rows = []
     for b in budgets:
         secs, texts = {k: [] for k in kernels}, {}
@@ -70,13 +68,10 @@ def main(argv=None):
     te, tg = sum(sum(r['seconds_eager']) for r in rows), sum(sum(r['seconds_eager_gqa']) for r in rows)
     res = dict(benchmark='benchmarks/attention_kernel.py', controller='greedy', suite=suite.name, suite_hash=suite.hash,
                subset='all items' if a.full else f"first {a.fraction:.0%} of each task's items (suite order), in evaluate.batch_order",
-               items=len(items), budgets=rows, reps=a.reps, in_flight=a.batch, threads=a.threads, dtype=str(eng.dtype),
-               model=cfg.slm.source, fingerprint=eng.fingerprint, config_hash=config_hash(cfg), torch=torch.__version__,
-               python=platform.python_version(), seconds_eager=te, seconds_eager_gqa=tg, ratio=te / tg, cores=os.cpu_count(),
-               load_average_start=[round(x, 2) for x in load0], load_average_end=[round(x, 2) for x in os.getloadavg()])
+               items=len(items), budgets=rows, reps=a.reps, in_flight=a.batch, threads=a.threads,
+               seconds_eager=te, seconds_eager_gqa=tg, ratio=te / tg, **run_facts(cfg, eng, load0))
     atomic_write_json(a.out, res)
-    print(f"all: eager {te:.1f} s, eager_gqa {tg:.1f} s: {res['ratio']:.2f}x; load average {res['load_average_start'][0]} at the start, "
-          f"{res['load_average_end'][0]} at the end on {os.cpu_count()} cores")
+    print(f"all: eager {te:.1f} s, eager_gqa {tg:.1f} s: {res['ratio']:.2f}x; {load_note(res)}")
     print(f"wrote {a.out}")
     return res
 

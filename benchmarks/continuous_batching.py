@@ -19,10 +19,10 @@ Usage:  python benchmarks/continuous_batching.py [--fraction 0.5 | --full] [--ba
 Prints seconds both ways and their ratio per controller and budget and in all; writes the numbers as JSON (atomically).
 """
 from __future__ import annotations
-import argparse, os, platform, sys, time
+import argparse, os, sys, time
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('HF_DATASETS_OFFLINE', '1'); os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 import torch
-from eval_batching import subset  # the same stated subset as the batching benchmark
+from eval_batching import fill_prompt_cache, load_note, ordered_items, run_facts  # the same stated subset as the batching benchmark
 
 
 def main(argv=None):
@@ -39,23 +39,21 @@ def main(argv=None):
     try: budgets = [int(b) for b in a.budgets.split(',')]
     except ValueError: sys.exit(f"--budgets {a.budgets!r}: give token counts separated by commas, e.g. 64,128")
     torch.set_num_threads(a.threads)
-    from research_controller.config import atomic_write_json, config_hash, load_config
+    from research_controller.config import atomic_write_json, load_config
     from research_controller.controllers import baseline_names, make_controller
     from research_controller.engine import get_engine
-    from research_controller.evaluate import batch_order, build_suite, generate_batch_items, item_seed, stream_items, streamable
+    from research_controller.evaluate import build_suite, generate_batch_items, stream_items, streamable
 
     names = [n for n in a.controllers.split(',') if n]
     if bad := [n for n in names if n not in baseline_names()]: sys.exit(f"--controllers: unknown {bad}; choose from {baseline_names()}")
     cfg = load_config(overrides=[*a.overrides, f'engine.batch_size={a.batch}', f'slm.threads={a.threads}', 'baselines.candidate_cache_mb=0'])
     suite = build_suite(cfg, 'research')
-    items = suite.items if a.full else subset(suite, a.fraction)
-    items = [items[i] for i in batch_order(items)]
-    seeds = [item_seed(suite.seed, it['id']) for it in items]
+    items, seeds = ordered_items(suite, a.fraction, a.full)
     eng = get_engine(cfg)
     print(f"suite {suite.name} [{suite.hash[:12]}]: {len(items)} of {len(suite)} items, budgets {budgets}, {a.batch} items per batch / in flight, "
           f"{a.threads} threads, {eng.dtype}")
     load0 = os.getloadavg()
-    for i in range(0, len(items), a.batch): eng.new_states([it['prompt'] for it in items[i:i + a.batch]], 1)  # fill the prompt cache
+    fill_prompt_cache(eng, items, a.batch)
     rows, k = [], 0
     for name in names:
         ctl = make_controller(name, cfg)
@@ -83,12 +81,9 @@ def main(argv=None):
     res = dict(benchmark='benchmarks/continuous_batching.py', suite=suite.name, suite_hash=suite.hash,
                subset='all items' if a.full else f"first {a.fraction:.0%} of each task's items (suite order), in evaluate.batch_order",
                items=len(items), rows=rows, batch_items=a.batch, engine_batch=a.batch, threads=a.threads,
-               dtype=str(eng.dtype), model=cfg.slm.source, fingerprint=eng.fingerprint, config_hash=config_hash(cfg),
-               torch=torch.__version__, python=platform.python_version(), seconds_batches=tb, seconds_stream=ts, ratio=tb / ts,
-               cores=os.cpu_count(), load_average_start=[round(x, 2) for x in load0], load_average_end=[round(x, 2) for x in os.getloadavg()])
+               seconds_batches=tb, seconds_stream=ts, ratio=tb / ts, **run_facts(cfg, eng, load0))
     atomic_write_json(a.out, res)
-    print(f"all: batches {tb:.1f} s, stream {ts:.1f} s: {res['ratio']:.2f}x; load average {res['load_average_start'][0]} at the start, "
-          f"{res['load_average_end'][0]} at the end on {os.cpu_count()} cores")
+    print(f"all: batches {tb:.1f} s, stream {ts:.1f} s: {res['ratio']:.2f}x; {load_note(res)}")
     print(f"wrote {a.out}")
     return res
 

@@ -35,6 +35,32 @@ def subset(suite, fraction:float) -> list:
     return [it for it in suite.items if it['id'] in keep[it['task']]]
 
 
+def ordered_items(suite, fraction:float, full:bool=False) -> tuple:
+    "(items, seeds): the stated subset (or every item), in `evaluate.batch_order` as run_suite runs them, with their item seeds."
+    from research_controller.evaluate import batch_order, item_seed
+    items = suite.items if full else subset(suite, fraction)
+    items = [items[i] for i in batch_order(items)]
+    return items, [item_seed(suite.seed, it['id']) for it in items]
+
+
+def fill_prompt_cache(eng, items:list, batch:int) -> None:
+    "Prefill every item's prompt into `eng`'s prompt cache, `batch` at a time (as a sweep's first run leaves it)."
+    for i in range(0, len(items), batch): eng.new_states([it['prompt'] for it in items[i:i + batch]], 1)
+
+
+def run_facts(cfg, eng, load0:tuple) -> dict:
+    "What a result needs to be read on its own: dtype, model, SLM fingerprint, config hash, versions, cores, load average at the start and now."
+    from research_controller.config import config_hash
+    return dict(dtype=str(eng.dtype), model=cfg.slm.source, fingerprint=eng.fingerprint, config_hash=config_hash(cfg),
+                torch=torch.__version__, python=platform.python_version(), cores=os.cpu_count(),
+                load_average_start=[round(x, 2) for x in load0], load_average_end=[round(x, 2) for x in os.getloadavg()])
+
+
+def load_note(res:dict) -> str:
+    "The load-average line of a result with `run_facts`."
+    return f"load average {res['load_average_start'][0]} at the start, {res['load_average_end'][0]} at the end on {res['cores']} cores"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--fraction', type=float, default=0.25, help="share of each task's items (default 0.25)")
@@ -48,17 +74,15 @@ def main(argv=None):
     ap.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE')
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from research_controller.config import atomic_write_json, config_hash, load_config
+    from research_controller.config import atomic_write_json, load_config
     from research_controller.controllers import make_controller
     from research_controller.engine import get_engine
-    from research_controller.evaluate import batch_order, build_suite, generate_items, item_seed
+    from research_controller.evaluate import build_suite, generate_items
 
     cfg = load_config(overrides=a.overrides)
     batch, budget = a.batch or cfg.evaluate.batch_items, a.budget or cfg.evaluate.token_budget
     suite = build_suite(cfg, a.suite)
-    items = suite.items if a.full else subset(suite, a.fraction)
-    items = [items[i] for i in batch_order(items)]  # run_suite's batches, in the order it runs them
-    seeds = [item_seed(suite.seed, it['id']) for it in items]
+    items, seeds = ordered_items(suite, a.fraction, a.full)  # run_suite's batches, in the order it runs them
     ctl, eng = make_controller(a.controller, cfg), get_engine(cfg)
     if not callable(getattr(ctl, 'generate_batch', None)): sys.exit(f"{a.controller} has no generate_batch: nothing to compare")
     counts = {}
@@ -87,23 +111,20 @@ def main(argv=None):
     res = dict(benchmark='benchmarks/eval_batching.py', controller=a.controller, batched_via=f"{type(ctl).__name__}.generate_batch", suite=suite.name, suite_hash=suite.hash,
                subset='all items' if a.full else f"first {a.fraction:.0%} of each task's items (suite order), batched in evaluate.batch_order",
                items=len(items), per_task_items=counts, token_budget=budget, batch_items=batch, threads=a.threads,
-               dtype=str(eng.dtype), model=cfg.slm.source, fingerprint=eng.fingerprint, config_hash=config_hash(cfg),
-               torch=torch.__version__, python=platform.python_version(),
                one_at_a_time=dict(seconds=t_one, items_per_s=ips_one, tokens=sum(g['tokens'] for g in one)),
                batched=dict(seconds=t_many, items_per_s=ips_many, tokens=sum(g['tokens'] for g in many)),
                ratio=ips_many / ips_one, target=f">= {TARGET}x", meets_target=ips_many / ips_one >= TARGET,
                identical_texts=int(sum(same)), identical_token_counts=int(sum(same_tok)),
                per_task={t: dict(items=n, approx_ratio=s1 / sb, identical_texts=int(sum(s for it, s in zip(items, same) if it['task'] == t)))
                          for t, (n, s1, sb) in per_task.items()},
-               errors=errors, first_differences=diffs[:5], cores=os.cpu_count(),
-               load_average_start=[round(x, 2) for x in load0], load_average_end=[round(x, 2) for x in os.getloadavg()])
+               errors=errors, first_differences=diffs[:5], **run_facts(cfg, eng, load0))
     atomic_write_json(a.out, res)
     print(f"\n{'':16}{'items/s':>9}{'seconds':>9}{'tokens':>8}")
     print(f"{'one at a time':16}{ips_one:9.2f}{t_one:9.1f}{res['one_at_a_time']['tokens']:8d}")
     print(f"{'batched (' + str(batch) + ')':16}{ips_many:9.2f}{t_many:9.1f}{res['batched']['tokens']:8d}")
     print(f"ratio {res['ratio']:.2f}x (target {res['target']}: {'met' if res['meets_target'] else 'NOT met'}); "
           f"identical texts {res['identical_texts']}/{len(items)}, identical token counts {res['identical_token_counts']}/{len(items)}; "
-          f"errors {len(errors)}; load average {res['load_average_start'][0]} at the start, {res['load_average_end'][0]} at the end on {os.cpu_count()} cores")
+          f"errors {len(errors)}; {load_note(res)}")
     for t, d in res['per_task'].items(): print(f"  {t:9} {d['items']:>3} items: ratio ~{d['approx_ratio']:.2f}x, identical texts {d['identical_texts']}/{d['items']}")
     for d in diffs[:3]: print(f"  differs {d['id']}: one {d['one']!r}\n  {'':8}{' ' * len(d['id'])}  batched {d['batched']!r}")
     print(f"wrote {a.out}")

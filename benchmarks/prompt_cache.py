@@ -17,10 +17,10 @@ Usage:  python benchmarks/prompt_cache.py [--fraction 0.25 | --full] [--batch 32
 Prints items/s both ways and their ratio per budget and in all; writes the numbers as JSON (atomically).
 """
 from __future__ import annotations
-import argparse, os, platform, sys, time
+import argparse, os, sys, time
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('HF_DATASETS_OFFLINE', '1'); os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 import torch
-from eval_batching import subset  # the same stated subset as the batching benchmark
+from eval_batching import fill_prompt_cache, load_note, ordered_items, run_facts  # the same stated subset as the batching benchmark
 
 
 def main(argv=None):
@@ -38,24 +38,22 @@ def main(argv=None):
     try: budgets = [int(b) for b in a.budgets.split(',')]
     except ValueError: sys.exit(f"--budgets {a.budgets!r}: give token counts separated by commas, e.g. 16,64")
     torch.set_num_threads(a.threads)
-    from research_controller.config import atomic_write_json, config_hash, load_config, replace_config
+    from research_controller.config import atomic_write_json, load_config, replace_config
     from research_controller.controllers import make_controller
     from research_controller.engine import Engine, get_engine
-    from research_controller.evaluate import batch_order, build_suite, generate_items, item_seed
+    from research_controller.evaluate import build_suite, generate_items
 
     cfg = load_config(overrides=[*a.overrides, f'engine.batch_size={a.engine_batch}', f'slm.threads={a.threads}'])
     if cfg.engine.prompt_cache_mb == 0: sys.exit("engine.prompt_cache_mb=0: the warm engine needs the cache on; drop that override")
     suite = build_suite(cfg, 'research')
-    items = suite.items if a.full else subset(suite, a.fraction)
-    items = [items[i] for i in batch_order(items)]
-    seeds = [item_seed(suite.seed, it['id']) for it in items]
+    items, seeds = ordered_items(suite, a.fraction, a.full)
     ctl, warm = make_controller(a.controller, cfg), get_engine(cfg)
     off = Engine(warm.model, warm.tok, replace_config(cfg, ['engine.prompt_cache_mb=0']))
     print(f"{a.controller} on suite {suite.name} [{suite.hash[:12]}]: {len(items)} of {len(suite)} items, budgets {budgets}, "
           f"batches of {a.batch} items, engine batch {a.engine_batch}, {a.threads} threads, {warm.dtype}")
     load0 = os.getloadavg()
     t = time.perf_counter()
-    for i in range(0, len(items), a.batch): warm.new_states([it['prompt'] for it in items[i:i + a.batch]], 1)  # the sweep's first run
+    fill_prompt_cache(warm, items, a.batch)  # the sweep's first run
     fill_s = time.perf_counter() - t
     print(f"filled the cache in {fill_s:.1f} s: {warm.prompt_cache!r}")
     generate_items(ctl, items[:2], off, 8, seeds[:2], batch_items=2)  # warm-up (kernels), untimed
@@ -75,16 +73,13 @@ def main(argv=None):
     res = dict(benchmark='benchmarks/prompt_cache.py', controller=a.controller, suite=suite.name, suite_hash=suite.hash,
                subset='all items' if a.full else f"first {a.fraction:.0%} of each task's items (suite order), batched in evaluate.batch_order",
                items=len(items), budgets=rows, batch_items=a.batch, engine_batch=a.engine_batch, threads=a.threads,
-               dtype=str(warm.dtype), model=cfg.slm.source, fingerprint=warm.fingerprint, config_hash=config_hash(cfg),
-               torch=torch.__version__, python=platform.python_version(), cache_fill_seconds=fill_s,
+               cache_fill_seconds=fill_s,
                cache_prompts=len(warm.prompt_cache), cache_mib=warm.prompt_cache.nbytes / 2**20,
                seconds_off=tot_off, seconds_warm=tot_warm, ratio=tot_off / tot_warm,
-               identical_texts=int(same), texts=len(texts['off']), cores=os.cpu_count(),
-               load_average_start=[round(x, 2) for x in load0], load_average_end=[round(x, 2) for x in os.getloadavg()])
+               identical_texts=int(same), texts=len(texts['off']), **run_facts(cfg, warm, load0))
     atomic_write_json(a.out, res)
     print(f"all budgets: cache off {tot_off:.1f} s, warm {tot_warm:.1f} s: {res['ratio']:.2f}x; identical texts {same}/{len(texts['off'])}; "
-          f"cache {res['cache_prompts']} prompts, {res['cache_mib']:.0f} MiB; load average {res['load_average_start'][0]} at the start, "
-          f"{res['load_average_end'][0]} at the end on {os.cpu_count()} cores")
+          f"cache {res['cache_prompts']} prompts, {res['cache_mib']:.0f} MiB; {load_note(res)}")
     print(f"wrote {a.out}")
     return res
 

@@ -330,7 +330,7 @@ def _scores(self:BestOfN, engine:Engine, cands:list, texts:list, item:dict|None)
             for t, c in zip(texts, cands)], spent  # ratings are cached by the call above
 
 # %% ../nbs/10_controllers.ipynb #1337b012
-_CANDIDATES = weakref.WeakKeyDictionary()  # engine -> BytesLRU of finished candidate sets, one per prompt (sized by their generated K/V)
+_CANDIDATES = weakref.WeakKeyDictionary()  # engine -> BytesLRU of finished candidate sets, one per prompt (sized by `_generated_nbytes`)
 
 def _generated_nbytes(cands:list) -> int:
     "Tensor bytes (K/V, next-token logits, pooled states) of the candidates' generated segments (the prompt's belong to the engine's prompt cache)."
@@ -338,8 +338,9 @@ def _generated_nbytes(cands:list) -> int:
     for c in cands:
         seg = c.tip
         while seg.parent is not None and id(seg) not in seen:
-            seen.add(id(seg)); seg_ts = (seg.kv, seg.logits, seg.hsum, seg.hsum_vis)
-            n += sum(t.numel() * t.element_size() for t in seg_ts if hasattr(t, 'numel')); seg = seg.parent
+            seen.add(id(seg))
+            n += sum(t.numel() * t.element_size() for t in (seg.kv, seg.logits, seg.hsum, seg.hsum_vis) if t is not None)
+            seg = seg.parent
     return n
 
 @patch
